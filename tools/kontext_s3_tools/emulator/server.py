@@ -1,0 +1,550 @@
+"""A fal emulator: fal's queue API for FLUX.1 Kontext [max], over real HTTP(S).
+
+Speaks the contract in ``../shared/reference/fal-queue-and-webhooks.md``:
+
+* ``POST /{endpoint_id}[?fal_webhook=URL]`` with ``Authorization: Key ...``:
+  ``request_id``, ``gateway_request_id``, ``response_url``, ``status_url``,
+  ``cancel_url``, ``queue_position``; 422 with a ``detail`` list for bad input.
+* ``GET /{owner}/{alias}/requests/{id}/status`` (``IN_QUEUE``/``IN_PROGRESS``/``COMPLETED``),
+  ``GET .../requests/{id}`` (the result), ``PUT .../requests/{id}/cancel``.
+* the webhook, POSTed when a request ends, signed with Ed25519 as fal signs,
+  retried with backoff when it does not get a 2xx;
+* ``GET /.well-known/jwks.json``: the public key; ``GET /files/...``: outputs.
+
+Faults are counters that each submit/request consumes (``submit_429=3``: the
+next three submits get 429), set at start or with ``POST /_emulator/faults``.
+``GET /_emulator/state`` shows what was received and delivered.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import ssl
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+
+from kontext_s3_tools.emulator.editing import edit
+from kontext_s3_tools.emulator.input_check import check_input
+from kontext_s3_tools.emulator.signing import WebhookSigner
+
+ENDPOINTS = ("fal-ai/flux-pro/kontext/max",)
+
+
+@dataclass
+class Faults:
+    """Each counter is consumed by the next submit/request it applies to."""
+
+    submit_429: int = 0
+    submit_5xx: int = 0
+    status_5xx: int = 0
+    lose_webhook: int = 0
+    duplicate_webhook: int = 0
+    error_result: int = 0
+    fail_webhook_attempts: int = 0
+    #: Standing delays (not consumed): slow submit answers, slow file host, time in queue and in progress.
+    submit_delay_ms: int = 0
+    file_delay_ms: int = 0
+    queue_ms: int = 0
+    processing_ms: int = 0
+
+    @classmethod
+    def parse(cls, items: list[str]) -> dict[str, int]:
+        names = {f.name for f in fields(cls)}
+        parsed: dict[str, int] = {}
+        for item in items:
+            name, _, value = item.partition("=")
+            if name not in names:
+                raise ValueError(f"unknown fault {name!r}; known: {', '.join(sorted(names))}")
+            parsed[name] = int(value or "1")
+        return parsed
+
+
+@dataclass
+class QueueRequest:
+    request_id: str
+    endpoint: str
+    app: str
+    input: dict[str, Any]
+    webhook_url: str | None
+    status: str = "IN_QUEUE"
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    error_payload: Any = None
+    cancelled: bool = False
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.time)
+    inference_time: float | None = None
+
+
+class FalEmulator:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        fal_key: str = "local-fal-key",
+        user_id: str = "emulator-user",
+        tls: tuple[Path, Path] | None = None,
+        public_url: str | None = None,
+        webhook_attempts: int = 10,
+        webhook_backoff_seconds: float = 0.25,
+        workers: int = 8,
+        signer: WebhookSigner | None = None,
+        faults: dict[str, int] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.fal_key = fal_key
+        self.user_id = user_id
+        self.signer = signer or WebhookSigner()
+        self.webhook_attempts = webhook_attempts
+        self.webhook_backoff_seconds = webhook_backoff_seconds
+        self.verbose = verbose
+        self.faults = Faults(**(faults or {}))
+        self.requests: dict[str, QueueRequest] = {}
+        self.received: list[dict[str, Any]] = []
+        self.deliveries: list[dict[str, Any]] = []
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fal-emulator")
+        self._http = httpx.Client(timeout=30.0)
+        self._server = ThreadingHTTPServer((host, port), _make_handler(self))
+        self._server.daemon_threads = True
+        scheme = "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            scheme = "https"
+        bound_host, bound_port = str(self._server.server_address[0]), int(self._server.server_address[1])
+        self.base_url = (public_url or f"{scheme}://{bound_host}:{bound_port}").rstrip("/")
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> FalEmulator:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fal-emulator-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
+
+    def __enter__(self) -> FalEmulator:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.base_url}/.well-known/jwks.json"
+
+    @property
+    def files_url(self) -> str:
+        return f"{self.base_url}/files/"
+
+    # -- control -------------------------------------------------------------------
+
+    def set_faults(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                if not hasattr(self.faults, name):
+                    raise ValueError(f"unknown fault {name!r}")
+                setattr(self.faults, name, int(value))
+
+    def reset(self) -> None:
+        with self._lock:
+            self.faults = Faults()
+            self.received.clear()
+            self.deliveries.clear()
+            self.requests.clear()
+            self.files.clear()
+
+    def host_file(self, name: str, data: bytes, content_type: str) -> str:
+        """Serve ``data`` from the file host (tests and benchmarks use it for large outputs)."""
+        with self._lock:
+            self.files[name] = (data, content_type)
+        return f"{self.files_url}{name}"
+
+    def submits(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self.received]
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "faults": asdict(self.faults),
+                "received": list(self.received),
+                "deliveries": list(self.deliveries),
+                "requests": {rid: {"status": r.status, "error": r.error, "cancelled": r.cancelled} for rid, r in self.requests.items()},
+            }
+
+    def _take(self, name: str) -> bool:
+        with self._lock:
+            left = getattr(self.faults, name)
+            if left > 0:
+                setattr(self.faults, name, left - 1)
+                return True
+            return False
+
+    def _log(self, message: str) -> None:
+        if self.verbose:
+            print(f"[fal-emulator] {message}", flush=True)
+
+    # -- queue API ----------------------------------------------------------------------
+
+    def submit(
+        self, endpoint: str, query: dict[str, list[str]], raw_body: bytes, headers: dict[str, str]
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        webhook_url = query.get("fal_webhook", [None])[0]
+        try:
+            body = json.loads(raw_body or b"null")
+        except ValueError:
+            body = None
+        with self._lock:
+            self.received.append(
+                {
+                    "endpoint": endpoint,
+                    "webhook_url": webhook_url,
+                    "body": body,
+                    "headers": {k: v for k, v in headers.items() if k.lower() != "authorization"},
+                    "at": time.time(),
+                }
+            )
+            delay = self.faults.submit_delay_ms
+        if delay:
+            time.sleep(delay / 1000)
+        if self._take("submit_429"):
+            return 429, {"detail": "Too many requests (emulator fault)"}, {"Retry-After": "0"}
+        if self._take("submit_5xx"):
+            return 503, {"detail": "Service unavailable (emulator fault)"}, {}
+        problems = check_input(body)
+        if problems:
+            return 422, {"detail": problems}, {}
+        request_id = str(uuid.uuid4())
+        app = "/".join(endpoint.split("/")[:2])
+        request = QueueRequest(request_id=request_id, endpoint=endpoint, app=app, input=body, webhook_url=webhook_url)
+        with self._lock:
+            self.requests[request_id] = request
+            position = sum(1 for r in self.requests.values() if r.status == "IN_QUEUE") - 1
+        try:
+            self._pool.submit(self._run, request)
+        except RuntimeError:  # stopping: the pool takes no more work
+            return 503, {"detail": "emulator is shutting down"}, {}
+        self._log(f"submitted {request_id} webhook={webhook_url}")
+        return (
+            200,
+            {"request_id": request_id, "gateway_request_id": request_id, **self._urls(request), "queue_position": position},
+            {"x-fal-request-id": request_id},
+        )
+
+    def _urls(self, request: QueueRequest) -> dict[str, str]:
+        base = f"{self.base_url}/{request.app}/requests/{request.request_id}"
+        return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
+
+    def status(self, request_id: str) -> tuple[int, dict[str, Any]]:
+        request = self.requests.get(request_id)
+        if request is None:
+            return 404, {"detail": "Request not found"}
+        if self._take("status_5xx"):
+            return 503, {"detail": "Service unavailable (emulator fault)"}
+        answer: dict[str, Any] = {"status": request.status, "request_id": request_id, **self._urls(request)}
+        if request.status == "IN_QUEUE":
+            with self._lock:
+                ahead = [r for r in self.requests.values() if r.status == "IN_QUEUE" and r.submitted_at < request.submitted_at]
+            answer["queue_position"] = len(ahead)
+        else:
+            answer["logs"] = list(request.logs)
+        if request.status == "COMPLETED":
+            answer["metrics"] = {"inference_time": request.inference_time} if request.inference_time is not None else {}
+            if request.error:
+                answer["error"] = request.error
+                answer["error_type"] = "request_error"
+        return 200, answer
+
+    def result(self, request_id: str) -> tuple[int, Any]:
+        request = self.requests.get(request_id)
+        if request is None:
+            return 404, {"detail": "Request not found"}
+        if request.status != "COMPLETED":
+            return 400, {"detail": "Request is still in progress"}
+        if request.error:
+            detail = request.error_payload.get("detail") if isinstance(request.error_payload, dict) else request.error
+            return (422 if isinstance(detail, list) else 500), {"detail": detail or request.error}
+        return 200, request.result
+
+    def cancel(self, request_id: str) -> tuple[int, dict[str, Any]]:
+        request = self.requests.get(request_id)
+        if request is None:
+            return 404, {"status": "NOT_FOUND"}
+        with self._lock:
+            if request.status != "IN_QUEUE":
+                return 400, {"status": "ALREADY_COMPLETED"}
+            request.cancelled = True
+            request.status = "COMPLETED"
+            request.error = "Request was cancelled"
+        return 202, {"status": "CANCELLATION_REQUESTED"}
+
+    # -- processing ---------------------------------------------------------------------
+
+    def _run(self, request: QueueRequest) -> None:
+        with self._lock:
+            queue_ms, processing_ms = self.faults.queue_ms, self.faults.processing_ms
+        if queue_ms:
+            time.sleep(queue_ms / 1000)
+        with self._lock:
+            if request.cancelled:
+                return
+            request.status = "IN_PROGRESS"
+        request.logs.append({"message": "emulator: editing", "level": "INFO", "timestamp": time.time()})
+        started = time.monotonic()
+        if processing_ms:
+            time.sleep(processing_ms / 1000)
+        if self._take("error_result"):
+            self._finish_error(request, "Internal server error (emulator fault)", {"detail": "the emulator was told to fail this request"})
+        else:
+            try:
+                self._edit(request)
+            except _InputFetchError as exc:
+                self._finish_error(
+                    request,
+                    "Invalid status code: 422",
+                    {
+                        "detail": [
+                            {"loc": ["body", "image_url"], "msg": f"Failed to download the file: {exc}", "type": "file_download_error"}
+                        ]
+                    },
+                )
+            except Exception as exc:
+                self._finish_error(request, f"Internal server error: {type(exc).__name__}", {"detail": str(exc)})
+        request.inference_time = round(time.monotonic() - started, 4)
+        self._deliver(request)
+
+    def _edit(self, request: QueueRequest) -> None:
+        body = request.input
+        source = self._fetch_input(body["image_url"])
+        seed = body.get("seed")
+        if seed is None:
+            seed = random.randrange(0, 2**31)
+        images = edit(
+            source,
+            prompt=body["prompt"],
+            seed=seed,
+            num_images=body.get("num_images", 1),
+            output_format=body.get("output_format", "jpeg"),
+            aspect_ratio=body.get("aspect_ratio"),
+        )
+        described = []
+        for image in images:
+            if body.get("sync_mode"):
+                url = f"data:{image.content_type};base64,{base64.b64encode(image.data).decode('ascii')}"
+            else:
+                url = self.host_file(f"{request.request_id}/{image.file_name}", image.data, image.content_type)
+            described.append(
+                {
+                    "url": url,
+                    "content_type": image.content_type,
+                    "file_name": image.file_name,
+                    "file_size": len(image.data),
+                    "width": image.width,
+                    "height": image.height,
+                }
+            )
+        with self._lock:
+            request.result = {
+                "images": described,
+                "timings": {"inference": round(time.monotonic() % 1 + 0.5, 3)},
+                "seed": seed,
+                "has_nsfw_concepts": [False] * len(described),
+                "prompt": ("(enhanced) " if body.get("enhance_prompt") else "") + body["prompt"],
+            }
+            request.status = "COMPLETED"
+
+    def _fetch_input(self, url: str) -> bytes:
+        if url.startswith("data:"):
+            return base64.b64decode(url.split(",", 1)[1])
+        try:
+            response = self._http.get(url)
+        except httpx.HTTPError as exc:
+            raise _InputFetchError(str(exc)) from exc
+        if response.status_code != 200:
+            raise _InputFetchError(f"HTTP {response.status_code}")
+        return response.content
+
+    def _finish_error(self, request: QueueRequest, message: str, payload: Any) -> None:
+        with self._lock:
+            request.error = message
+            request.error_payload = payload
+            request.status = "COMPLETED"
+
+    # -- webhooks ------------------------------------------------------------------------
+
+    def _deliver(self, request: QueueRequest) -> None:
+        if not request.webhook_url:
+            return
+        if self._take("lose_webhook"):
+            self._log(f"losing the webhook of {request.request_id} (fault)")
+            with self._lock:
+                self.deliveries.append({"request_id": request.request_id, "lost": True, "at": time.time()})
+            return
+        if request.error:
+            document: dict[str, Any] = {
+                "request_id": request.request_id,
+                "gateway_request_id": request.request_id,
+                "status": "ERROR",
+                "error": request.error,
+                "payload": request.error_payload,
+            }
+        else:
+            document = {
+                "request_id": request.request_id,
+                "gateway_request_id": request.request_id,
+                "status": "OK",
+                "payload": request.result,
+            }
+        body = json.dumps(document).encode("utf-8")
+        copies = 2 if self._take("duplicate_webhook") else 1
+        threads = [threading.Thread(target=self._post_webhook, args=(request, body), daemon=True) for _ in range(copies)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _post_webhook(self, request: QueueRequest, body: bytes) -> None:
+        assert request.webhook_url
+        for attempt in range(1, self.webhook_attempts + 1):
+            outcome: dict[str, Any] = {"request_id": request.request_id, "attempt": attempt, "at": time.time()}
+            if self._take("fail_webhook_attempts"):
+                outcome["status_code"] = None
+                outcome["error"] = "attempt dropped (emulator fault)"
+            else:
+                headers = {"Content-Type": "application/json", **self.signer.headers(request.request_id, self.user_id, body)}
+                try:
+                    response = self._http.post(request.webhook_url, content=body, headers=headers, timeout=15.0)
+                    outcome["status_code"] = response.status_code
+                    outcome["answer"] = response.text[:500]
+                except httpx.HTTPError as exc:
+                    outcome["status_code"] = None
+                    outcome["error"] = f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self.deliveries.append(outcome)
+            self._log(f"webhook {request.request_id} attempt {attempt}: {outcome.get('status_code')}")
+            if outcome.get("status_code") and 200 <= outcome["status_code"] < 300:
+                return
+            time.sleep(min(60.0, self.webhook_backoff_seconds * 2 ** (attempt - 1)))
+
+
+class _InputFetchError(Exception):
+    pass
+
+
+def _make_handler(emulator: FalEmulator) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "fal-emulator"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            if emulator.verbose:
+                super().log_message(format, *args)
+
+        def _body(self) -> bytes:
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length else b""
+
+        def _send(
+            self,
+            status: int,
+            payload: Any,
+            headers: dict[str, str] | None = None,
+            raw: bytes | None = None,
+            content_type: str = "application/json",
+        ) -> None:
+            data = raw if raw is not None else json.dumps(payload).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _authorized(self) -> bool:
+            if self.headers.get("Authorization") == f"Key {emulator.fal_key}":
+                return True
+            self._send(401, {"detail": "No user found for Key ID and Secret"})
+            return False
+
+        def _route(self, method: str) -> None:
+            url = urlsplit(self.path)
+            path = url.path.strip("/")
+            parts = path.split("/")
+            body = self._body() if method in ("POST", "PUT") else b""
+            if method == "GET" and path == ".well-known/jwks.json":
+                return self._send(200, {"keys": [emulator.signer.jwk()]})
+            if method == "GET" and parts[0] == "files":
+                name = "/".join(parts[1:])
+                with emulator._lock:
+                    found = emulator.files.get(name)
+                    delay = emulator.faults.file_delay_ms
+                if delay:
+                    time.sleep(delay / 1000)
+                if found is None:
+                    return self._send(404, {"detail": "File not found"})
+                return self._send(200, None, raw=found[0], content_type=found[1])
+            if parts[0] == "_emulator":
+                if method == "GET" and parts[1:] == ["state"]:
+                    return self._send(200, emulator.state())
+                if method == "POST" and parts[1:] == ["faults"]:
+                    try:
+                        emulator.set_faults(**json.loads(body or b"{}"))
+                    except (ValueError, TypeError) as exc:
+                        return self._send(400, {"detail": str(exc)})
+                    return self._send(200, asdict(emulator.faults))
+                if method == "POST" and parts[1:] == ["reset"]:
+                    emulator.reset()
+                    return self._send(200, {"reset": True})
+                return self._send(404, {"detail": "unknown emulator control"})
+            if not self._authorized():
+                return None
+            if "requests" in parts:
+                index = parts.index("requests")
+                tail = parts[index + 1 :]
+                if method == "GET" and len(tail) == 2 and tail[1] == "status":
+                    return self._send(*emulator.status(tail[0]))
+                if method == "GET" and len(tail) == 1:
+                    status, payload = emulator.result(tail[0])
+                    return self._send(status, payload)
+                if method == "PUT" and len(tail) == 2 and tail[1] == "cancel":
+                    return self._send(*emulator.cancel(tail[0]))
+                return self._send(405, {"detail": "Method not allowed"})
+            if method == "POST":
+                if path not in ENDPOINTS:
+                    return self._send(404, {"detail": f"Application {path!r} not found"})
+                status, payload, headers = emulator.submit(path, parse_qs(url.query), body, dict(self.headers.items()))
+                return self._send(status, payload, headers)
+            return self._send(405, {"detail": "Method not allowed"})
+
+        def do_GET(self) -> None:
+            self._route("GET")
+
+        def do_POST(self) -> None:
+            self._route("POST")
+
+        def do_PUT(self) -> None:
+            self._route("PUT")
+
+    return Handler
