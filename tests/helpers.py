@@ -1,0 +1,87 @@
+"""Helpers the tests share: AWS access to the moto server, test images, invoking handlers."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from kontext_s3_tools.local_stack import LambdaContext, Resources, aws_session, sqs_event
+from PIL import Image
+
+FAL_KEY = "test-key-id:test-key-secret"
+
+
+@dataclass
+class Aws:
+    endpoint: str
+    resources: Resources
+
+    def client(self, service: str) -> Any:
+        return aws_session().client(service, endpoint_url=self.endpoint)  # type: ignore[call-overload]
+
+    @property
+    def s3(self) -> Any:
+        return self.client("s3")
+
+    @property
+    def sqs(self) -> Any:
+        return self.client("sqs")
+
+    def table(self) -> Any:
+        return aws_session().resource("dynamodb", endpoint_url=self.endpoint).Table(self.resources.table)
+
+    def receive(self, queue_url: str | None = None, wait: int = 2, visibility: int | None = None) -> list[dict[str, Any]]:
+        kwargs: dict[str, Any] = {
+            "QueueUrl": queue_url or self.resources.queue_url,
+            "MaxNumberOfMessages": 10,
+            "WaitTimeSeconds": wait,
+            "MessageSystemAttributeNames": ["All"],
+        }
+        if visibility is not None:
+            kwargs["VisibilityTimeout"] = visibility
+        return list(self.sqs.receive_message(**kwargs).get("Messages", []))
+
+    def drain_test_event(self, timeout: float = 5.0) -> None:
+        """Delete the s3:TestEvent S3 sent when the notification was configured."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in self.receive(wait=1):
+                if json.loads(message["Body"]).get("Event") == "s3:TestEvent":
+                    self.sqs.delete_message(QueueUrl=self.resources.queue_url, ReceiptHandle=message["ReceiptHandle"])
+                    return
+                self.sqs.change_message_visibility(
+                    QueueUrl=self.resources.queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+                )
+        raise AssertionError("S3 sent no s3:TestEvent")
+
+    def upload_events(self, expected: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Receive the messages S3 sent for ``expected`` uploads."""
+        found: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while len(found) < expected and time.monotonic() < deadline:
+            found.extend(self.receive(wait=1))
+        assert len(found) == expected, f"expected {expected} S3 event(s), got {len(found)}"
+        return found
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.s3.get_object(Bucket=self.resources.bucket, Key=key)["Body"].read())
+
+    def keys(self, prefix: str) -> list[str]:
+        listing = self.s3.list_objects_v2(Bucket=self.resources.bucket, Prefix=prefix)
+        return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def jpeg_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 120, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def invoke_sqs(module: ModuleType, messages: list[dict[str, Any]], queue_arn: str, timeout: float = 20.0) -> dict[str, Any]:
+    response = module.lambda_handler(sqs_event(messages, queue_arn), LambdaContext("submit", timeout))
+    assert isinstance(response, dict)
+    return response
