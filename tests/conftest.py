@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import pytest
+
 from kontext_s3_tools.emulator import FalEmulator
 from kontext_s3_tools.local_stack import ROOT, MotoServer, function_environment, provision
-
 from tests.helpers import FAL_KEY, Aws
 
 

@@ -21,6 +21,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.parameters import SecretsProvider
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.config import Config
+
 from kontext_s3.completion import JobFinisher
 from kontext_s3.fal_queue import FalQueueClient
 from kontext_s3.jobs import JobStore

@@ -6,10 +6,10 @@ import time
 
 import httpx
 import pytest
+
 from kontext_s3.fal_queue import FalOutcomeUnknown, FalQueueClient, FalRejected, FalUnavailable, RetryPolicy
 from kontext_s3_tools.emulator import FalEmulator
 from kontext_s3_tools.local_stack import free_port
-
 from tests.helpers import FAL_KEY, jpeg_bytes
 
 ENDPOINT = "fal-ai/flux-pro/kontext/max"

@@ -15,12 +15,12 @@ from urllib.parse import unquote_plus
 
 import httpx
 import pytest
+
 from kontext_s3.job_id import derive_job_id
 from kontext_s3.jobs import JobState, JobStore
 from kontext_s3.tag_codec import encode_tags, tagging_header
 from kontext_s3_tools.emulator import FalEmulator
 from kontext_s3_tools.local_stack import SqsPoller
-
 from tests.helpers import Aws, invoke_sqs, jpeg_bytes
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kontext_s3.job_id import derive_job_id
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
+
 from kontext_s3.model_schema import (
     OPTIONAL_TAG_FIELDS,
     TAG_FIELDS,
@@ -11,7 +13,6 @@ from kontext_s3.model_schema import (
     allowed_values,
     describe_validation_error,
 )
-from pydantic import ValidationError
 
 
 def test_the_defaults_are_the_model_pages() -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from kontext_s3.s3_events import MalformedNotification, parse_notification
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kontext_s3.settings import DEFAULT_FAL_MEDIA_URLS, Settings, SettingsError
 
 BASE = {"JOBS_TABLE": "jobs", "WEBHOOK_URL": "https://abc.lambda-url.us-east-1.on.aws/"}

@@ -8,6 +8,7 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kontext_s3.tag_codec import (
     MAX_KEY_CHARS,
     MAX_TAGS,
