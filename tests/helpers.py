@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from kontext_s3_tools.local_stack import LambdaContext, Resources, aws_session, sqs_event
 from PIL import Image
+
+from kontext_s3_tools.local_stack import LambdaContext, Resources, aws_session, sqs_event
 
 FAL_KEY = "test-key-id:test-key-secret"
 
@@ -85,3 +86,33 @@ def invoke_sqs(module: ModuleType, messages: list[dict[str, Any]], queue_arn: st
     response = module.lambda_handler(sqs_event(messages, queue_arn), LambdaContext("submit", timeout))
     assert isinstance(response, dict)
     return response
+
+
+class RecordingServer:
+    """An HTTP server that answers 200 to anything and remembers every request (to prove none came)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.paths: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.paths.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

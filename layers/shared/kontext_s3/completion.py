@@ -165,9 +165,10 @@ class JobFinisher:
                 }
                 for c, image in zip(copied, output.images, strict=True)
             ],
+            # No "completed at": concurrent deliveries must write identical manifests.
+            # The job's history and S3's LastModified say when it was written.
             "uploaded_at": job.event_time,
             "submitted_at": iso(job.submitted_at_ms) if job.submitted_at_ms else None,
-            "completed_at": iso(now_ms()),
         }
         try:
             write_json(self.s3, job.bucket, manifest_key, manifest)

@@ -1,0 +1,80 @@
+"""Function URL -> fal's webhook: verify, copy outputs to S3, end the job."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import httpx
+from aws_lambda_powertools import Metrics
+from aws_lambda_powertools.event_handler import LambdaFunctionUrlResolver, Response
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.config import Config
+
+from kontext_s3.completion import JobFinisher, MediaPolicy
+from kontext_s3.jobs import Job, JobState, JobStore
+from kontext_s3.log import logger
+from kontext_s3.notifications import JobEvents
+from kontext_s3.output_store import OutputLayout
+from kontext_s3.settings import Settings
+from kontext_s3.webhook import WebhookReceiver
+from kontext_s3.webhook_signature import JwksCache
+
+settings = Settings.from_env()
+metrics = Metrics()
+_aws = Config(retries={"mode": "standard", "max_attempts": 5}, max_pool_connections=20)
+s3 = boto3.client("s3", config=_aws)
+jobs = JobStore(boto3.resource("dynamodb", config=_aws).Table(settings.jobs_table), ttl_days=settings.job_ttl_days)
+# Output files can be large and slow to start; fal's own endpoints answer quickly.
+http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=False)
+receiver = WebhookReceiver(
+    jobs=jobs,
+    finisher=JobFinisher(
+        s3=s3,
+        jobs=jobs,
+        events=JobEvents(boto3.client("events", config=_aws), bus_name=settings.event_bus_name, source=settings.event_source),
+        layout=OutputLayout(settings.input_prefix, settings.output_prefix),
+        http=http,
+        media=MediaPolicy(allowed_urls=settings.allowed_media_urls, max_image_bytes=settings.max_output_image_bytes),
+    ),
+    # Module scope: the keys stay cached across invocations of a warm function.
+    jwks=JwksCache(http, settings.fal_jwks_url, ttl_seconds=settings.jwks_cache_seconds),
+    max_body_bytes=settings.webhook_max_body_bytes,
+    tolerance_seconds=settings.signature_tolerance_seconds,
+)
+app = LambdaFunctionUrlResolver()
+
+
+@app.post("/fal/<job_id>")
+def fal_webhook(job_id: str) -> Response[str]:
+    event = app.current_event
+    body = event.body or ""
+    raw = base64.b64decode(body) if event.is_base64_encoded else body.encode("utf-8")
+    answer = receiver.handle(job_id, dict(event.headers), raw)
+    if answer.status in (401, 404, 413, 400):
+        metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
+    if answer.ended is not None:
+        _count_ended(answer.ended)
+    return Response(status_code=answer.status, content_type="application/json", body=json.dumps(answer.body))
+
+
+def _count_ended(job: Job) -> None:
+    if job.state is JobState.COMPLETED:
+        metrics.add_metric(name="JobsSucceeded", unit=MetricUnit.Count, value=1)
+        metrics.add_metric(name="ImagesWritten", unit=MetricUnit.Count, value=len(job.output_keys))
+    else:
+        metrics.add_metric(name="JobsFailed", unit=MetricUnit.Count, value=1)
+    if job.event_time:
+        uploaded = datetime.fromisoformat(job.event_time.replace("Z", "+00:00"))
+        latency_ms = (datetime.now(UTC) - uploaded).total_seconds() * 1000
+        metrics.add_metric(name="EndToEndLatency", unit=MetricUnit.Milliseconds, value=round(latency_ms, 1))
+
+
+@logger.inject_lambda_context(clear_state=True)
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return app.resolve(event, context)
