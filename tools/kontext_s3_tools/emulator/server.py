@@ -117,7 +117,11 @@ class FalEmulator:
         self.files: dict[str, tuple[bytes, str]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fal-emulator")
-        self._http = httpx.Client(timeout=30.0)
+        trust = ssl.create_default_context()
+        if tls:
+            # Its own file host may be the image_url it is asked to fetch.
+            trust.load_verify_locations(str(tls[0]))
+        self._http = httpx.Client(timeout=30.0, verify=trust)
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
         scheme = "http"

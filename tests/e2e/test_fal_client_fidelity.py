@@ -1,0 +1,66 @@
+"""The emulator, driven by a client nobody here wrote: fal's own ``fal-client`` package, unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kontext_s3_tools.emulator import FalEmulator
+from kontext_s3_tools.emulator.tls import write_self_signed
+from tests.helpers import jpeg_bytes
+
+pytestmark = pytest.mark.e2e
+DRIVER = Path(__file__).resolve().parents[1] / "fal_client_driver.py"
+
+
+@pytest.fixture
+def tls_emulator(tmp_path: Path) -> Iterator[tuple[FalEmulator, Path]]:
+    cert, key = write_self_signed(tmp_path / "tls")
+    # Half a second in the queue: the client sees IN_QUEUE, and a cancel can catch a queued request.
+    emulator = FalEmulator(fal_key="client-key:client-secret", tls=(cert, key), webhook_attempts=1, faults={"queue_ms": 500}).start()
+    yield emulator, cert
+    emulator.stop()
+
+
+def test_fal_client_submits_polls_fetches_and_cancels_unchanged(tls_emulator: tuple[FalEmulator, Path]) -> None:
+    emulator, cert = tls_emulator
+    host = emulator.base_url.removeprefix("https://")
+    image_url = emulator.host_file("inputs/flour.jpg", jpeg_bytes(320, 200), "image/jpeg")
+    env = {
+        **os.environ,
+        "FAL_QUEUE_RUN_HOST": host,
+        "FAL_RUN_HOST": host,
+        "FAL_KEY": "client-key:client-secret",
+        "SSL_CERT_FILE": str(cert),
+    }
+    run = subprocess.run(
+        [sys.executable, str(DRIVER), image_url, "https://example.invalid/hook"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout)
+    assert seen["status_url"] == f"https://{host}/fal-ai/flux-pro/requests/{seen['request_id']}/status"
+    assert seen["statuses"][0] == "Queued" and seen["statuses"][-1] == "Completed"
+    assert seen["status_by_id"] == "Completed"
+    assert seen["same_result"] is True
+    result = seen["result"]
+    assert result["seed"] == 11
+    assert [image["content_type"] for image in result["images"]] == ["image/png", "image/png"]
+    assert result["has_nsfw_concepts"] == [False, False]
+    # fal's docs do not say what status a cancelled request reports; the emulator says COMPLETED
+    # (with an error), and fal-client reads that without complaint.
+    assert seen["cancelled_status"] == "Completed"
+    assert sum(1 for r in emulator.requests.values() if r.cancelled) == 1
+    assert seen["refused"]["status"] == 422
+    [submit] = [s for s in emulator.submits() if s["body"].get("num_images") == 2 and s["webhook_url"]]
+    assert submit["webhook_url"] == "https://example.invalid/hook"
