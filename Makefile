@@ -4,16 +4,27 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYENV_FOR_SAM := 3.11.7:3.12.1:3.13.0
 
-.PHONY: demo test lint typecheck template unit e2e bench load build clean
+.PHONY: demo stack test lint typecheck template bench load build clean
 
+# Everything for the tests (and the demo).
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(BIN)/.installed-local
+
+# Only what the demo needs (moto, Pillow), so a first `make demo` installs less.
+$(BIN)/.installed-local: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[local]'
 	touch $@
 
-demo: $(BIN)/.installed
+demo: $(BIN)/.installed-local
 	$(BIN)/python -m kontext_s3_tools.demo
+
+stack: $(BIN)/.installed-local
+	$(BIN)/python -m kontext_s3_tools.stack
 
 test: $(BIN)/.installed lint typecheck template
 	$(BIN)/pytest
@@ -32,7 +43,7 @@ template: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.run
 
-load: $(BIN)/.installed
+load: $(BIN)/.installed-local
 	$(BIN)/python -m kontext_s3_tools.load --uploads 500
 
 # Needs python3.13 on PATH (pyenv here) and network access to PyPI for the arm64 wheels.

@@ -97,4 +97,5 @@ async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> li
 @logger.inject_lambda_context(clear_state=True)
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    metrics.add_metric(name="MessagesReceived", unit=MetricUnit.Count, value=len(event.get("Records", [])))
     return dict(async_process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context))

@@ -37,6 +37,8 @@ from urllib.parse import parse_qsl, urlsplit
 import boto3
 import yaml
 
+from kontext_s3.jobs import JobStore
+from kontext_s3_tools.cli import Target
 from kontext_s3_tools.emulator import FalEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -562,6 +564,33 @@ class LocalStack:
                 stopper()
             except Exception as exc:  # stop the rest regardless
                 print(f"warning: stopping the local stack: {exc}", file=sys.stderr)
+        for name, value in getattr(self, "_saved_environment", {}).items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for name in ("submit", "webhook"):
+            sys.modules.pop(f"kontext_function_{name}", None)
+
+    def cli_environment(self) -> dict[str, str]:
+        """What the kontext-s3 CLI needs to work against this stack."""
+        return {
+            **aws_environment(self.moto.url),
+            "KONTEXT_S3_BUCKET": self.resources.bucket,
+            "KONTEXT_S3_TABLE": self.resources.table,
+            "KONTEXT_S3_INPUT_PREFIX": self.resources.input_prefix,
+            "KONTEXT_S3_OUTPUT_PREFIX": self.resources.output_prefix,
+        }
+
+    def target(self) -> Target:
+        return Target(
+            bucket=self.resources.bucket,
+            table=self.resources.table,
+            input_prefix=self.resources.input_prefix,
+            output_prefix=self.resources.output_prefix,
+            endpoint_url=self.moto.url,
+            region=REGION,
+        )
 
     def __enter__(self) -> LocalStack:
         return self.start()
@@ -571,3 +600,6 @@ class LocalStack:
 
     def client(self, service: str) -> Any:
         return aws_session().client(service, endpoint_url=self.moto.url)  # type: ignore[call-overload]
+
+    def jobs(self) -> JobStore:
+        return JobStore(aws_session().resource("dynamodb", endpoint_url=self.moto.url).Table(self.resources.table))
