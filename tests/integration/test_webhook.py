@@ -383,6 +383,33 @@ def test_a_base64_encoded_function_url_body_is_verified_on_its_raw_bytes(webhook
     assert answer["statusCode"] == 200, answer
 
 
+def test_a_webhook_faster_than_the_submit_record_is_asked_to_retry(webhook: Webhook) -> None:
+    store = JobStore(webhook.aws.table())
+    key = "inputs/fast.jpg"
+    job_id = derive_job_id(webhook.aws.resources.bucket, key, "v1")
+    created = store.create(
+        job_id=job_id,
+        bucket=webhook.aws.resources.bucket,
+        key=key,
+        version_id="v1",
+        etag="e",
+        sequencer=None,
+        event_time=None,
+        output_prefix=f"outputs/fast.jpg/{job_id}/",
+        lease_ms=60_000,
+    )
+    assert created is not None
+    request_id = str(uuid.uuid4())
+    document = webhook.success(Job.model_validate({**created.model_dump(), "request_id": request_id}), [jpeg_bytes()])
+    early = webhook.post(job_id, document)
+    assert early.status_code == 409
+    assert webhook.aws.keys(created.output_prefix) == []
+    store.mark_submitted(
+        job_id, request_id=request_id, gateway_request_id=None, status_url="s", response_url="r", cancel_url="c", input_json="{}"
+    )
+    assert webhook.post(job_id, document).status_code == 200  # fal's retry
+
+
 def test_an_uncertain_job_learns_its_request_id_from_a_verified_webhook(webhook: Webhook) -> None:
     store = JobStore(webhook.aws.table())
     key = "inputs/uncertain.jpg"

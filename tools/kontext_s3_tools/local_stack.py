@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import itertools
 import json
 import os
 import socket
@@ -268,18 +269,52 @@ def function_environment(resources: Resources, *, emulator: FalEmulator, webhook
 # -- Lambda, locally ------------------------------------------------------------------------
 
 
+_instance_numbers = itertools.count(1)
+
+
 def load_function(name: str) -> ModuleType:
-    """Import ``functions/<name>/app.py`` as Lambda would (after the environment is set)."""
+    """Import ``functions/<name>/app.py`` afresh, as one Lambda execution environment does at cold start.
+
+    Every call gives a new module (its own clients, caches and Powertools state), read
+    from the environment as it is now.
+    """
+    module_name = f"kontext_function_{name}_{next(_instance_numbers)}"  # count() is atomic under the GIL
     path = ROOT / "functions" / name / "app.py"
-    module_name = f"kontext_function_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+class ExecutionEnvironments:
+    """Lambda's execution environments, locally: one invocation at a time in each, more made on demand.
+
+    Lambda never runs two invocations in one environment at once, and code relies on
+    it: Powertools' batch processor and event resolvers keep the current invocation in
+    module state. Calling one module from several threads would mix invocations, so
+    each concurrent invocation gets an environment of its own, started when none is idle.
+    """
+
+    def __init__(self, factory: Callable[[], Handler], first: Handler | None = None) -> None:
+        self._factory = factory
+        self._idle: list[Handler] = [first] if first else []
+        self._lock = threading.Lock()
+        self.started = len(self._idle)
+
+    def invoke(self, event: dict[str, Any], context: Any) -> Any:
+        with self._lock:
+            handler = self._idle.pop() if self._idle else None
+        if handler is None:
+            handler = self._factory()
+            with self._lock:
+                self.started += 1
+        try:
+            return handler(event, context)
+        finally:
+            with self._lock:
+                self._idle.append(handler)
 
 
 @dataclass
@@ -524,6 +559,7 @@ class LocalStack:
     poller: SqsPoller = field(init=False)
     environment: dict[str, str] = field(init=False)
     functions: dict[str, ModuleType] = field(init=False)
+    environments: dict[str, ExecutionEnvironments] = field(init=False)
 
     def start(self) -> LocalStack:
         self.moto = MotoServer().start()
@@ -543,9 +579,13 @@ class LocalStack:
         )
         os.environ.update(self.environment)
         self.functions = {name: load_function(name) for name in ("submit", "webhook")}
-        self._webhook_handler = self.functions["webhook"].lambda_handler
+        self.environments = {
+            name: ExecutionEnvironments(lambda name=name: load_function(name).lambda_handler, first=self.functions[name].lambda_handler)  # type: ignore[misc]
+            for name in ("submit", "webhook")
+        }
+        self._webhook_handler = self.environments["webhook"].invoke
         self.poller = SqsPoller(
-            self.functions["submit"].lambda_handler,
+            self.environments["submit"].invoke,
             endpoint=self.moto.url,
             queue_url=self.resources.queue_url,
             queue_arn=self.resources.queue_arn,
@@ -569,8 +609,8 @@ class LocalStack:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        for name in ("submit", "webhook"):
-            sys.modules.pop(f"kontext_function_{name}", None)
+        for module_name in [m for m in sys.modules if m.startswith("kontext_function_")]:
+            sys.modules.pop(module_name, None)
 
     def cli_environment(self) -> dict[str, str]:
         """What the kontext-s3 CLI needs to work against this stack."""
