@@ -56,7 +56,7 @@ def fal_webhook(job_id: str) -> Response[str]:
     raw = base64.b64decode(body) if event.is_base64_encoded else body.encode("utf-8")
     metrics.add_metric(name="WebhooksReceived", unit=MetricUnit.Count, value=1)
     answer = receiver.handle(job_id, dict(event.headers), raw)
-    if answer.status in (401, 404, 413, 400):
+    if answer.status in (400, 401, 404, 409, 413):
         metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
     if answer.ended is not None:
         _count_ended(answer.ended)

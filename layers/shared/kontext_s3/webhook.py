@@ -6,7 +6,8 @@ In order, and with no side effect before the last check passes:
 2. fal's signature verifies (401 when a header is missing, the timestamp is
    stale or no key verifies; 503 when fal's keys cannot be fetched);
 3. the job named in the URL exists and its fal request id is the one that
-   signed (404 otherwise); an UNCERTAIN job learns its request id here;
+   signed (404 otherwise); an UNCERTAIN job learns its request id here, and a
+   job whose submit is still being recorded answers 409 so fal retries;
 4. the body is a fal webhook document for that same request (400 otherwise).
 
 Then a job that already ended answers 200 and changes nothing (fal retries
@@ -71,6 +72,9 @@ class WebhookReceiver:
         if job is None:
             return _refuse(404, "no such job")
         logger.thread_safe_append_keys(object_key=job.key)
+        if job.request_id is None and job.state is JobState.SUBMITTING:
+            # fal can finish before the submit function has recorded its answer; its retry will find it.
+            return _refuse(409, "the job's submit is still being recorded; retry later")
         if job.request_id is None and job.state is JobState.UNCERTAIN:
             job = self._jobs.adopt_request(job_id, sender.request_id) or self._jobs.get(job_id) or job
             logger.warning("an UNCERTAIN job's webhook arrived: fal did accept it")
