@@ -110,7 +110,9 @@ def upload_bytes(target: Target, data: bytes, name: str, fields: dict[str, Any],
     if not key.startswith(target.input_prefix):
         raise CliError(f"error: the key must start with the input prefix {target.input_prefix!r}", EXIT_USAGE)
     content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    answer = target.client("s3").put_object(Bucket=target.bucket, Key=key, Body=data, ContentType=content_type, Tagging=tagging_header(tags))
+    answer = target.client("s3").put_object(
+        Bucket=target.bucket, Key=key, Body=data, ContentType=content_type, Tagging=tagging_header(tags)
+    )
     version = answer.get("VersionId")
     etag = str(answer.get("ETag", "")).strip('"')
     if not version or version == "null":
