@@ -13,7 +13,10 @@ A lease that expired without being released means its worker died, perhaps
 mid-request, so the job becomes UNCERTAIN instead of being sent again: fal has
 no idempotency key, and we never pay twice for one upload.
 
-Every transition is a conditional write, so two workers can't both win. While
+Every transition is a conditional write, so two workers can't both win. Each
+write also stamps a fresh ``last_writer`` token: when the SDK retries a write
+whose first attempt landed but whose answer was lost, the retry fails its own
+condition, and the token tells "my write landed" from "someone else's did". While
 a job is open it carries ``open_state``/``open_since``, the keys of the sparse
 ``open-jobs`` index the recovery function reads; ending a job removes them.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -88,6 +92,7 @@ class Job(BaseModel):
     error_message: str | None = None
     failure_retryable: bool = False
     notified: bool = False
+    last_writer: str | None = None
     history: list[HistoryEntry] = Field(default_factory=list)
 
     @property
@@ -150,8 +155,10 @@ class JobStore:
     ) -> Job | None:
         """Create the job, leased to the caller; ``None`` when it already exists."""
         at = now_ms()
+        writer = uuid.uuid4().hex
         item: dict[str, Any] = {
             "job_id": job_id,
+            "last_writer": writer,
             "state": JobState.SUBMITTING.value,
             "bucket": bucket,
             "key": key,
@@ -172,7 +179,7 @@ class JobStore:
             self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(job_id)")
         except ClientError as exc:
             if _conditional_failure(exc):
-                return None
+                return self._if_mine(job_id, writer)
             raise
         return Job.model_validate(item)
 
@@ -332,6 +339,11 @@ class JobStore:
 
     # -- plumbing ----------------------------------------------------------------
 
+    def _if_mine(self, job_id: str, writer: str) -> Job | None:
+        """After a failed condition: the job, if the write that changed it was ours (a retried write)."""
+        current = self.get(job_id)
+        return current if current is not None and current.last_writer == writer else None
+
     def _transition(
         self,
         job_id: str,
@@ -347,8 +359,12 @@ class JobStore:
         strict: bool = False,
     ) -> Job | None:
         at = at or now_ms()
+        writer = uuid.uuid4().hex
         entry = {"state": state.value, "at": iso(at), "note": note[:1000]}
-        expression = "SET #state = :new_state, updated_at = :updated, history = list_append(if_not_exists(history, :empty), :entry)"
+        expression = (
+            "SET #state = :new_state, updated_at = :updated, last_writer = :writer, "
+            "history = list_append(if_not_exists(history, :empty), :entry)"
+        )
         if sets:
             expression += ", " + sets
         if removes:
@@ -362,6 +378,7 @@ class JobStore:
                 ExpressionAttributeValues={
                     ":new_state": state.value,
                     ":updated": iso(at),
+                    ":writer": writer,
                     ":empty": [],
                     ":entry": [entry],
                     **values,
@@ -371,6 +388,9 @@ class JobStore:
             )
         except ClientError as exc:
             if _conditional_failure(exc):
+                mine = self._if_mine(job_id, writer)
+                if mine is not None:
+                    return mine
                 if strict:
                     raise JobConflict(f"job {job_id}: cannot move to {state.value} from its current state") from exc
                 return None
