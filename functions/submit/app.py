@@ -7,37 +7,27 @@ failures are reported per record so only those messages come back.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import boto3
 import httpx
 from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import AsyncBatchProcessor, EventType, async_process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from aws_lambda_powertools.utilities.parameters import SecretsProvider
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from botocore.config import Config
 
-from kontext_s3.completion import JobFinisher
-from kontext_s3.fal_queue import FalQueueClient
-from kontext_s3.jobs import JobStore
+from kontext_s3 import wiring
 from kontext_s3.log import logger
-from kontext_s3.notifications import JobEvents
-from kontext_s3.output_store import OutputLayout
+from kontext_s3.recovery import Cancellation
 from kontext_s3.settings import Settings
 from kontext_s3.submit import ChangeResult, Outcome, Submitter
 
 settings = Settings.from_env()
 metrics = Metrics()
-_aws = Config(retries={"mode": "standard", "max_attempts": 5}, max_pool_connections=20)
-s3 = boto3.client("s3", config=Config(signature_version="s3v4").merge(_aws))
-jobs = JobStore(boto3.resource("dynamodb", config=_aws).Table(settings.jobs_table), ttl_days=settings.job_ttl_days)
-events = JobEvents(boto3.client("events", config=_aws), bus_name=settings.event_bus_name, source=settings.event_source)
-secrets = SecretsProvider(boto3_client=boto3.client("secretsmanager", config=_aws))
+s3 = wiring.s3_client()
+jobs = wiring.job_store(settings)
 http = httpx.Client(limits=httpx.Limits(max_connections=20, max_keepalive_connections=10))
 executor = ThreadPoolExecutor(max_workers=10, thread_name_prefix="submit")
 # An all-failed batch is answered like any other (every id listed) instead of raising:
@@ -45,27 +35,19 @@ executor = ThreadPoolExecutor(max_workers=10, thread_name_prefix="submit")
 processor = AsyncBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
-def fal_key() -> str:
-    """The key from Secrets Manager, cached for ``FAL_KEY_CACHE_SECONDS``; plain text or ``{"FAL_KEY": ...}``."""
-    value = str(secrets.get(settings.fal_key_secret, max_age=settings.fal_key_cache_seconds))
-    if value.lstrip().startswith("{"):
-        document = json.loads(value)
-        value = document.get("FAL_KEY") or document.get("key") or ""
-    return value.strip()
-
-
 def _count_retry(reason: str) -> None:
     metrics.add_metric(name="FalRetries", unit=MetricUnit.Count, value=1)
 
 
+fal = wiring.fal_client(settings, http, on_retry=_count_retry)
+finisher = wiring.job_finisher(settings, s3, jobs)
 submitter = Submitter(
     settings=settings,
     s3=s3,
     jobs=jobs,
-    fal=FalQueueClient(
-        http, base_url=settings.fal_queue_url, key=fal_key, timeout_seconds=settings.fal_timeout_seconds, on_retry=_count_retry
-    ),
-    finisher=JobFinisher(s3=s3, jobs=jobs, events=events, layout=OutputLayout(settings.input_prefix, settings.output_prefix)),
+    fal=fal,
+    finisher=finisher,
+    cancellation=Cancellation(s3=s3, jobs=jobs, fal=fal, finisher=finisher),
 )
 
 _METRIC_OF = {
@@ -73,6 +55,7 @@ _METRIC_OF = {
     Outcome.DUPLICATE: "DuplicatesSkipped",
     Outcome.FAILED: "JobsFailed",
     Outcome.UNCERTAIN: "JobsUncertain",
+    Outcome.CANCELLED: "JobsCancelled",
 }
 
 

@@ -7,40 +7,28 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-import boto3
 import httpx
 from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.event_handler import LambdaFunctionUrlResolver, Response
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from botocore.config import Config
 
-from kontext_s3.completion import JobFinisher, MediaPolicy
-from kontext_s3.jobs import Job, JobState, JobStore
+from kontext_s3 import wiring
+from kontext_s3.jobs import Job, JobState
 from kontext_s3.log import logger
-from kontext_s3.notifications import JobEvents
-from kontext_s3.output_store import OutputLayout
 from kontext_s3.settings import Settings
 from kontext_s3.webhook import WebhookReceiver
 from kontext_s3.webhook_signature import JwksCache
 
 settings = Settings.from_env()
 metrics = Metrics()
-_aws = Config(retries={"mode": "standard", "max_attempts": 5}, max_pool_connections=20)
-s3 = boto3.client("s3", config=_aws)
-jobs = JobStore(boto3.resource("dynamodb", config=_aws).Table(settings.jobs_table), ttl_days=settings.job_ttl_days)
+s3 = wiring.s3_client()
+jobs = wiring.job_store(settings)
 # Output files can be large and slow to start; fal's own endpoints answer quickly.
 http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=False)
 receiver = WebhookReceiver(
     jobs=jobs,
-    finisher=JobFinisher(
-        s3=s3,
-        jobs=jobs,
-        events=JobEvents(boto3.client("events", config=_aws), bus_name=settings.event_bus_name, source=settings.event_source),
-        layout=OutputLayout(settings.input_prefix, settings.output_prefix),
-        http=http,
-        media=MediaPolicy(allowed_urls=settings.allowed_media_urls, max_image_bytes=settings.max_output_image_bytes),
-    ),
+    finisher=wiring.job_finisher(settings, s3, jobs, http),
     # Module scope: the keys stay cached across invocations of a warm function.
     jwks=JwksCache(http, settings.fal_jwks_url, ttl_seconds=settings.jwks_cache_seconds),
     max_body_bytes=settings.webhook_max_body_bytes,
