@@ -259,6 +259,8 @@ def function_environment(resources: Resources, *, emulator: FalEmulator, webhook
         "MAX_RECEIVE_COUNT": str(resources.max_receive_count),
         "FAL_JWKS_URL": emulator.jwks_url,
         "ALLOWED_MEDIA_URLS": emulator.files_url,
+        "RECOVERY_AFTER_SECONDS": os.environ.get("RECOVERY_AFTER_SECONDS", "5"),
+        "JOB_MAX_AGE_SECONDS": os.environ.get("JOB_MAX_AGE_SECONDS", "600"),
         "POWERTOOLS_SERVICE_NAME": "kontext-local",
         "POWERTOOLS_METRICS_NAMESPACE": "KontextS3",
         "POWERTOOLS_LOG_LEVEL": os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
@@ -550,6 +552,8 @@ class LocalStack:
     submit_timeout_seconds: float = 20.0
     webhook_attempts: int = 10
     webhook_backoff_seconds: float = 0.2
+    #: The recovery function's schedule (every 5 minutes on AWS); None runs it only on demand.
+    recovery_interval_seconds: float | None = 10.0
     verbose: bool = False
 
     moto: MotoServer = field(init=False)
@@ -578,10 +582,10 @@ class LocalStack:
             self.resources, emulator=self.emulator, webhook_url=self.webhook.url, aws_endpoint=self.moto.url
         )
         os.environ.update(self.environment)
-        self.functions = {name: load_function(name) for name in ("submit", "webhook")}
+        self.functions = {name: load_function(name) for name in ("submit", "webhook", "recover")}
         self.environments = {
             name: ExecutionEnvironments(lambda name=name: load_function(name).lambda_handler, first=self.functions[name].lambda_handler)  # type: ignore[misc]
-            for name in ("submit", "webhook")
+            for name in self.functions
         }
         self._webhook_handler = self.environments["webhook"].invoke
         self.poller = SqsPoller(
@@ -592,13 +596,42 @@ class LocalStack:
             timeout_seconds=self.submit_timeout_seconds,
             concurrency=self.submit_concurrency,
         ).start()
+        self._schedule = threading.Event()
+        if self.recovery_interval_seconds:
+            threading.Thread(target=self._recover_on_schedule, name="recovery-schedule", daemon=True).start()
         return self
+
+    def run_recovery(self) -> dict[str, Any]:
+        """Invoke the recovery function once, as its EventBridge Scheduler rule does."""
+        event = {
+            "version": "0",
+            "id": str(uuid.uuid4()),
+            "detail-type": "Scheduled Event",
+            "source": "aws.scheduler",
+            "account": ACCOUNT,
+            "time": datetime.now(UTC).isoformat(),
+            "region": REGION,
+            "resources": [],
+            "detail": {},
+        }
+        result: dict[str, Any] = self.environments["recover"].invoke(event, LambdaContext("recover", 300))
+        return result
+
+    def _recover_on_schedule(self) -> None:
+        assert self.recovery_interval_seconds
+        while not self._schedule.wait(self.recovery_interval_seconds):
+            try:
+                self.run_recovery()
+            except Exception as exc:  # a failed run is retried by the next one, as with the real schedule
+                print(f"warning: recovery run failed: {exc}", file=sys.stderr)
 
     def _call_webhook(self, event: dict[str, Any], context: Any) -> Any:
         assert self._webhook_handler is not None
         return self._webhook_handler(event, context)
 
     def stop(self) -> None:
+        if hasattr(self, "_schedule"):
+            self._schedule.set()
         for stopper in (self.poller.stop, self.webhook.stop, self.emulator.stop, self.moto.stop):
             try:
                 stopper()

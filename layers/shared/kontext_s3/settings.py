@@ -51,8 +51,9 @@ class Settings(BaseModel):
     event_bus_name: str = Field(default="", alias="EVENT_BUS_NAME")
     event_source: str = Field(default="kontext-s3", alias="EVENT_SOURCE")
 
+    # The template keeps deployments to sane minimums; local runs use seconds.
     recovery_after_seconds: int = Field(default=900, ge=0, alias="RECOVERY_AFTER_SECONDS")
-    job_max_age_seconds: int = Field(default=6 * 3600, ge=60, alias="JOB_MAX_AGE_SECONDS")
+    job_max_age_seconds: int = Field(default=6 * 3600, ge=1, alias="JOB_MAX_AGE_SECONDS")
 
     #: Deployment-wide defaults for optional model fields (``DEFAULT_SEED`` ... ``DEFAULT_SYNC_MODE``).
     model_defaults: dict[str, str] = Field(default_factory=dict)

@@ -8,6 +8,8 @@ For each uploaded object under the input prefix:
 4. submit to fal's queue with the webhook URL that names the job;
 5. record fal's request id and URLs.
 
+A removed input (``ObjectRemoved``) cancels its jobs fal has not started.
+
 What the user did wrong (tags, object, a 4xx from fal) ends the job FAILED with
 an error record, and the message is acknowledged: retrying cannot fix it.
 Transient faults are retried inside the invocation (see ``fal_queue``), then
@@ -34,6 +36,7 @@ from kontext_s3.jobs import Job, JobState, JobStore, now_ms
 from kontext_s3.log import logger
 from kontext_s3.model_schema import FieldProblem
 from kontext_s3.output_store import OutputLayout
+from kontext_s3.recovery import Cancellation
 from kontext_s3.s3_events import ObjectChange, parse_notification
 from kontext_s3.settings import Settings
 from kontext_s3.tag_codec import TagEncodingError, decode_tags
@@ -57,6 +60,7 @@ class Outcome(StrEnum):
     IGNORED = "ignored"
     FAILED = "failed"
     UNCERTAIN = "uncertain"
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class Submitter:
         jobs: JobStore,
         fal: FalQueueClient,
         finisher: JobFinisher,
+        cancellation: Cancellation | None = None,
     ) -> None:
         if not settings.webhook_url:
             raise ValueError("WEBHOOK_URL is not set: fal would have nowhere to report results")
@@ -95,6 +100,7 @@ class Submitter:
         self._jobs = jobs
         self._fal = fal
         self._finisher = finisher
+        self._cancellation = cancellation
         self._layout = OutputLayout(settings.input_prefix, settings.output_prefix)
 
     def handle_message(self, body: str, *, receive_count: int, deadline: float) -> list[ChangeResult]:
@@ -107,11 +113,14 @@ class Submitter:
     def handle_change(self, change: ObjectChange, *, receive_count: int, deadline: float) -> ChangeResult:
         logger.thread_safe_append_keys(object_key=change.key, bucket=change.bucket)
         try:
-            if not change.created:
-                return ChangeResult(Outcome.IGNORED, change.key, detail=f"{change.event_name} is not an upload")
             if not change.key.startswith(self._settings.input_prefix) or change.key.endswith("/"):
                 logger.info("ignored: not an object under the input prefix", extra={"input_prefix": self._settings.input_prefix})
                 return ChangeResult(Outcome.IGNORED, change.key, detail="outside the input prefix")
+            if change.removed and self._cancellation is not None:
+                cancelled = self._cancellation.input_removed(change, deadline=deadline)
+                return ChangeResult(Outcome.CANCELLED if cancelled else Outcome.IGNORED, change.key, detail=",".join(cancelled))
+            if not change.created:
+                return ChangeResult(Outcome.IGNORED, change.key, detail=f"{change.event_name} is not an upload")
             if not change.version_id:
                 change = replace(change, version_id=self._resolve_version(change))
             job_id = derive_job_id(change.bucket, change.key, change.version_id, change.etag, change.sequencer or change.event_time)

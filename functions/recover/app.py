@@ -1,0 +1,56 @@
+"""Scheduled: finish jobs whose webhook was lost, expire jobs that can no longer finish."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from aws_lambda_powertools import Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from kontext_s3 import wiring
+from kontext_s3.log import logger
+from kontext_s3.recovery import Recovery
+from kontext_s3.settings import Settings
+
+settings = Settings.from_env()
+metrics = Metrics()
+s3 = wiring.s3_client()
+jobs = wiring.job_store(settings)
+http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=False)
+recovery = Recovery(
+    jobs=jobs,
+    fal=wiring.fal_client(settings, http),
+    finisher=wiring.job_finisher(settings, s3, jobs, http),
+    recovery_after_seconds=settings.recovery_after_seconds,
+    job_max_age_seconds=settings.job_max_age_seconds,
+)
+
+
+@logger.inject_lambda_context(clear_state=True)
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    deadline = time.monotonic() + context.get_remaining_time_in_millis() / 1000 - 5
+    report = recovery.run(deadline=deadline)
+    metrics.add_metric(name="RecoveryChecked", unit=MetricUnit.Count, value=report.checked)
+    metrics.add_metric(name="JobsRecovered", unit=MetricUnit.Count, value=report.completed)
+    metrics.add_metric(name="JobsExpired", unit=MetricUnit.Count, value=report.failed)
+    logger.info(
+        "recovery run",
+        extra={
+            "checked": report.checked,
+            "completed": report.completed,
+            "failed": report.failed,
+            "still_running": report.still_running,
+            "errors": len(report.errors),
+        },
+    )
+    return {
+        "checked": report.checked,
+        "completed": report.completed,
+        "failed": report.failed,
+        "still_running": report.still_running,
+        "errors": report.errors[:20],
+    }
