@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
 from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -19,7 +18,7 @@ settings = Settings.from_env()
 metrics = Metrics()
 s3 = wiring.s3_client()
 jobs = wiring.job_store(settings)
-http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=False)
+http = wiring.media_http_client()
 recovery = Recovery(
     jobs=jobs,
     fal=wiring.fal_client(settings, http),

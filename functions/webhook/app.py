@@ -7,7 +7,6 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from aws_lambda_powertools import Metrics
 from aws_lambda_powertools.event_handler import LambdaFunctionUrlResolver, Response
 from aws_lambda_powertools.metrics import MetricUnit
@@ -24,8 +23,7 @@ settings = Settings.from_env()
 metrics = Metrics()
 s3 = wiring.s3_client()
 jobs = wiring.job_store(settings)
-# Output files can be large and slow to start; fal's own endpoints answer quickly.
-http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=False)
+http = wiring.media_http_client()
 receiver = WebhookReceiver(
     jobs=jobs,
     finisher=wiring.job_finisher(settings, s3, jobs, http),

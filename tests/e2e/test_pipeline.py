@@ -218,3 +218,42 @@ def test_a_poison_message_ends_in_the_dlq_not_in_a_loop(stack: LocalStack) -> No
     )
     assert dead[0]["Body"] == "definitely not an S3 event"
     sqs.delete_message(QueueUrl=stack.resources.dlq_url, ReceiptHandle=dead[0]["ReceiptHandle"])
+
+
+def test_the_cli_finds_the_bucket_and_table_in_the_stack_outputs(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outputs = {
+        "InputBucketName": stack.resources.bucket,
+        "JobsTableName": stack.resources.table,
+        "InputPrefix": stack.resources.input_prefix,
+        "OutputPrefix": stack.resources.output_prefix,
+    }
+    template = {
+        "Resources": {"Placeholder": {"Type": "AWS::SQS::Queue"}},
+        "Outputs": {name: {"Value": value} for name, value in outputs.items()},
+    }
+    stack.client("cloudformation").create_stack(StackName="kontext-s3-cli-test", TemplateBody=json.dumps(template))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", stack.moto.url)
+    for name in ("KONTEXT_S3_BUCKET", "KONTEXT_S3_TABLE"):
+        monkeypatch.delenv(name, raising=False)
+    image = image_file(tmp_path, "stacked.jpg")
+    code = cli.main(
+        [
+            "--stack",
+            "kontext-s3-cli-test",
+            "--region",
+            "us-east-1",
+            "upload",
+            str(image),
+            "--prompt",
+            "from the stack outputs",
+            "--key",
+            "inputs/cli/stacked.jpg",
+            "--wait",
+        ]
+    )
+    assert code == 0, capsys.readouterr()
+    assert "outputs/cli/stacked.jpg/" in capsys.readouterr().out
+    assert cli.main(["--region", "us-east-1", "upload", str(image), "--prompt", "x"]) == cli.EXIT_USAGE
+    assert "no bucket" in capsys.readouterr().err

@@ -66,6 +66,23 @@ class Webhook:
             input_json=json.dumps(sent or SENT_INPUT),
         )
 
+    def unsubmitted_job(self, key: str, version: str) -> Job:
+        """A job whose submit is under way: SUBMITTING, leased, no fal request id yet."""
+        job_id = derive_job_id(self.aws.resources.bucket, key, version)
+        created = JobStore(self.aws.table()).create(
+            job_id=job_id,
+            bucket=self.aws.resources.bucket,
+            key=key,
+            version_id=version,
+            etag="e",
+            sequencer=None,
+            event_time=None,
+            output_prefix=OutputLayout("inputs/", "outputs/").job_prefix(key, job_id),
+            lease_ms=60_000,
+        )
+        assert created is not None
+        return created
+
     def success(self, job: Job, images: list[bytes], **extra: Any) -> dict[str, Any]:
         described = [
             {
@@ -385,20 +402,8 @@ def test_a_base64_encoded_function_url_body_is_verified_on_its_raw_bytes(webhook
 
 def test_a_webhook_faster_than_the_submit_record_is_asked_to_retry(webhook: Webhook) -> None:
     store = JobStore(webhook.aws.table())
-    key = "inputs/fast.jpg"
-    job_id = derive_job_id(webhook.aws.resources.bucket, key, "v1")
-    created = store.create(
-        job_id=job_id,
-        bucket=webhook.aws.resources.bucket,
-        key=key,
-        version_id="v1",
-        etag="e",
-        sequencer=None,
-        event_time=None,
-        output_prefix=f"outputs/fast.jpg/{job_id}/",
-        lease_ms=60_000,
-    )
-    assert created is not None
+    created = webhook.unsubmitted_job("inputs/fast.jpg", "v1")
+    job_id = created.job_id
     request_id = str(uuid.uuid4())
     document = webhook.success(Job.model_validate({**created.model_dump(), "request_id": request_id}), [jpeg_bytes()])
     early = webhook.post(job_id, document)
@@ -412,20 +417,9 @@ def test_a_webhook_faster_than_the_submit_record_is_asked_to_retry(webhook: Webh
 
 def test_an_uncertain_job_learns_its_request_id_from_a_verified_webhook(webhook: Webhook) -> None:
     store = JobStore(webhook.aws.table())
-    key = "inputs/uncertain.jpg"
-    job_id = derive_job_id(webhook.aws.resources.bucket, key, "v9")
-    created = store.create(
-        job_id=job_id,
-        bucket=webhook.aws.resources.bucket,
-        key=key,
-        version_id="v9",
-        etag="e",
-        sequencer=None,
-        event_time=None,
-        output_prefix=f"outputs/uncertain.jpg/{job_id}/",
-        lease_ms=60_000,
-    )
-    assert created is not None and created.lease_until_ms is not None
+    created = webhook.unsubmitted_job("inputs/uncertain.jpg", "v9")
+    job_id = created.job_id
+    assert created.lease_until_ms is not None
     store.mark_uncertain(job_id, created.lease_until_ms, reason="read timeout")
     request_id = str(uuid.uuid4())
     fake = Job.model_validate({**created.model_dump(), "request_id": request_id})

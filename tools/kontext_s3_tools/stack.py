@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shlex
-import signal
-import threading
 
 from kontext_s3_tools.local_stack import LocalStack
+from kontext_s3_tools.signals import wait_until_stopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,10 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in stack.cli_environment().items():
         print(f"  export {name}={shlex.quote(value)}")
     print('  kontext-s3 upload tools/kontext_s3_tools/assets/kitchen.jpg --prompt "Put a donut next to the flour." --wait')
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        stop.wait()
+    wait_until_stopped()
     stack.stop()
     return 0
 

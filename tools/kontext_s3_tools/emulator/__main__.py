@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import tempfile
-import threading
 from pathlib import Path
 
 from kontext_s3_tools.emulator.server import FalEmulator, Faults
 from kontext_s3_tools.emulator.tls import write_self_signed
+from kontext_s3_tools.signals import wait_until_stopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fal emulator on {emulator.base_url}  (JWKS {emulator.jwks_url})", flush=True)
     if tls:
         print(f"certificate: {tls[0]}  (export SSL_CERT_FILE={tls[0]})", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        stop.wait()
+    wait_until_stopped()
     emulator.stop()
     return 0
 
