@@ -146,7 +146,7 @@ class Submitter:
             lease_ms=lease_ms,
         )
         if job is None:
-            taken = self._take_over(job_id, lease_ms)
+            taken = self._take_over(job_id, change.key, lease_ms)
             if isinstance(taken, ChangeResult):
                 return taken
             job = taken
@@ -159,7 +159,8 @@ class Submitter:
         except FalRejected as exc:
             if exc.is_auth:
                 # Our key, not the user's input: keep the upload and let the operator fix the secret.
-                return self._retry_later(job, receive_count, f"fal refused our key (HTTP {exc.status_code}); check the fal key secret")
+                reason = f"fal refused our key (HTTP {exc.status_code}); check the fal key secret"
+                return self._retry_later(job, receive_count, reason, code="fal_unavailable")
             self._finisher.fail(
                 job,
                 stage="submit",
@@ -174,15 +175,15 @@ class Submitter:
             logger.error("fal may have accepted the request; job left UNCERTAIN for its webhook or recovery", extra={"reason": str(exc)})
             return ChangeResult(Outcome.UNCERTAIN, change.key, job_id, str(exc))
         except FalUnavailable as exc:
-            return self._retry_later(job, receive_count, str(exc))
+            return self._retry_later(job, receive_count, str(exc), code="fal_unavailable")
         except Exception as exc:
-            return self._retry_later(job, receive_count, f"{type(exc).__name__}: {exc}")
+            return self._retry_later(job, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted")
 
-    def _take_over(self, job_id: str, lease_ms: int) -> Job | ChangeResult:
+    def _take_over(self, job_id: str, key: str, lease_ms: int) -> Job | ChangeResult:
         """The job exists: take it up again if that is safe, else report the duplicate."""
         existing = self._jobs.get(job_id)
-        if existing is None:  # deleted by TTL between the two calls: treat it as a duplicate
-            return ChangeResult(Outcome.DUPLICATE, "", job_id, "job vanished")
+        if existing is None:  # expired by TTL between the two calls: an old event, treated as a duplicate
+            return ChangeResult(Outcome.DUPLICATE, key, job_id, "job expired")
         retry = (existing.state is JobState.SUBMITTING and existing.lease_until_ms is None) or (
             existing.state is JobState.FAILED and existing.failure_retryable
         )
@@ -204,14 +205,12 @@ class Submitter:
     def _submit(self, job: Job, change: ObjectChange, *, deadline: float) -> ChangeResult:
         fields = self._read_tags(change)
         try:
-            # Validate before touching the image: a bad tag is the commonest mistake and costs nothing to report.
-            build_model_input(fields, self._settings.model_defaults, image_url="s3://placeholder")
+            # Validated before touching the image: a bad tag is the commonest mistake and costs nothing to report.
+            model_input = build_model_input(fields, self._settings.model_defaults, image_url=_s3_uri(change))
         except InvalidEditRequest as exc:
             raise _UserError("invalid_tags", f"the tags do not describe a valid edit: {exc}", exc.problems) from exc
-        image_url = self._reachable_image(change)
-        model_input = build_model_input(fields, self._settings.model_defaults, image_url=image_url)
-        body = model_input.to_request_body()
-        recorded = {**body, "image_url": _s3_uri(change)}  # the presigned URL is a credential: never stored
+        recorded = model_input.to_request_body()  # with the s3:// address: the presigned URL is a credential, never stored
+        body = {**recorded, "image_url": self._reachable_image(change)}
         queued = self._fal.submit(
             self._settings.fal_endpoint,
             body,
@@ -281,15 +280,15 @@ class Submitter:
         if change.version_id:
             kwargs["VersionId"] = change.version_id
         try:
-            head = self._s3.get_object(Range="bytes=0-15", **kwargs)  # type: ignore[arg-type]
-            first_bytes = head["Body"].read()
+            first = self._s3.get_object(Range="bytes=0-15", **kwargs)  # type: ignore[arg-type]
+            first_bytes = first["Body"].read()
         except ClientError as exc:
             if _missing(exc):
                 raise _UserError("input_missing", "the uploaded object no longer exists") from exc
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":  # an empty object
                 raise _UserError("unsupported_object", "the uploaded object is empty") from exc
             raise
-        size = _object_size(head.get("ContentRange"), head.get("ContentLength", 0))
+        size = _object_size(first.get("ContentRange"), first.get("ContentLength", 0))
         content_type = sniff_image(first_bytes)
         if content_type is None:
             raise _UserError("unsupported_object", "the uploaded object is not a JPEG, PNG, WebP or GIF image")
@@ -306,13 +305,13 @@ class Submitter:
             ExpiresIn=self._settings.presign_expiry_seconds,
         )
 
-    def _retry_later(self, job: Job, receive_count: int, reason: str) -> ChangeResult:
+    def _retry_later(self, job: Job, receive_count: int, reason: str, *, code: str) -> ChangeResult:
         assert job.lease_until_ms is not None
         if receive_count >= self._settings.max_receive_count:
             self._finisher.fail(
                 job,
                 stage="submit",
-                code="fal_unavailable",
+                code=code,
                 message=f"gave up after {receive_count} deliveries of the S3 event: {reason}",
                 retryable=True,
             )
