@@ -78,7 +78,11 @@ class JobFinisher:
     ) -> Job | None:
         """Write ``error.json`` beside where the outputs would be, then end the job as FAILED.
 
-        Returns the ended job, or ``None`` if it had already ended (nothing is changed then).
+        Returns the ended job, or ``None`` if it had already ended; its state is then
+        left as it was, and an error record that a success had made untrue is removed.
+        Two *different* failures racing (recovery timing a job out as fal's ERROR
+        webhook lands) can leave the loser's ``error.json``; the job record, written
+        conditionally, stays the authority.
         """
         error_key = self.layout.error_key(job.output_prefix)
         record = {
