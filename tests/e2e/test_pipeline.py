@@ -257,3 +257,19 @@ def test_the_cli_finds_the_bucket_and_table_in_the_stack_outputs(
     assert "outputs/cli/stacked.jpg/" in capsys.readouterr().out
     assert cli.main(["--region", "us-east-1", "upload", str(image), "--prompt", "x"]) == cli.EXIT_USAGE
     assert "no bucket" in capsys.readouterr().err
+
+
+def test_a_duplicated_webhook_gives_one_output_set(stack: LocalStack, tmp_path: Path) -> None:
+    stack.emulator.set_faults(duplicate_webhook=1, file_delay_ms=100)
+    target = stack.target()
+    uploaded = cli.upload_image(target, image_file(tmp_path), {"prompt": "twice", "num_images": 2}, key="inputs/e2e/twice.jpg")
+    assert cli.wait_for_result(target, uploaded, timeout=60, progress=lambda _: None).succeeded
+    eventually(lambda: len([d for d in stack.emulator.deliveries if d.get("status_code") == 200]) == 2, what="both deliveries")
+    job = stack.jobs().get(uploaded.job_id)
+    assert job is not None and [h.state for h in job.history].count(JobState.COMPLETED) == 1
+    versions = stack.client("s3").list_object_versions(Bucket=target.bucket, Prefix=uploaded.output_prefix)["Versions"]
+    etags: dict[str, set[str]] = {}
+    for version in versions:
+        etags.setdefault(version["Key"], set()).add(version["ETag"])
+    assert sorted(etags) == [f"{uploaded.output_prefix}{name}" for name in ("image-0.jpg", "image-1.jpg", "manifest.json")]
+    assert all(len(tags) == 1 for tags in etags.values())  # a second write, if any, was identical
