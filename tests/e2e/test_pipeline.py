@@ -36,11 +36,6 @@ def eventually(check: Callable[[], Any], timeout: float = 30.0, what: str = "con
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def accepted_requests_per_job(stack: LocalStack) -> Counter[str]:
-    """How many requests fal accepted (and would bill) for each job id, read from the webhook URLs."""
-    return Counter(r.webhook_url.rsplit("/", 1)[-1] for r in stack.emulator.requests.values() if r.webhook_url)
-
-
 def test_an_upload_becomes_edited_images_and_a_manifest(stack: LocalStack, tmp_path: Path) -> None:
     target = stack.target()
     fields = {
@@ -59,7 +54,7 @@ def test_an_upload_becomes_edited_images_and_a_manifest(stack: LocalStack, tmp_p
     assert all((image["width"], image["height"]) == (120, 120) for image in result.manifest["images"])  # 1:1 crop
     saved = cli.download(target, result, tmp_path / "out")
     assert [p.name for p in saved] == ["image-0.jpg", "image-1.jpg", "image-2.jpg", "manifest.json"]
-    assert accepted_requests_per_job(stack) == Counter({uploaded.job_id: 1})
+    assert stack.accepted_requests_per_job() == Counter({uploaded.job_id: 1})
 
 
 def test_the_cli_round_trip(stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,7 +130,7 @@ def test_duplicate_s3_events_give_one_fal_request_and_one_output_set(stack: Loca
         what="queue drained",
     )
     time.sleep(1)
-    assert accepted_requests_per_job(stack) == Counter({uploaded.job_id: 1})
+    assert stack.accepted_requests_per_job() == Counter({uploaded.job_id: 1})
     listing = stack.client("s3").list_object_versions(Bucket=target.bucket, Prefix=uploaded.output_prefix)
     assert sorted(v["Key"] for v in listing["Versions"]) == [
         f"{uploaded.output_prefix}image-0.jpg",
@@ -192,7 +187,7 @@ def test_a_429_storm_ends_with_every_upload_edited_once(stack: LocalStack, tmp_p
     ]
     results = [cli.wait_for_result(target, u, timeout=90, progress=lambda _: None) for u in uploads]
     assert all(r.succeeded for r in results)
-    assert accepted_requests_per_job(stack) == Counter({u.job_id: 1 for u in uploads})
+    assert stack.accepted_requests_per_job() == Counter({u.job_id: 1 for u in uploads})
 
 
 def test_fal_down_for_good_ends_in_the_dlq_with_a_recorded_failure(stack: LocalStack, tmp_path: Path) -> None:

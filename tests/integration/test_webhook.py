@@ -40,24 +40,11 @@ class Webhook:
 
     def job(self, key: str = "inputs/street/night.jpg", sent: dict[str, Any] | None = None) -> Job:
         """A job as the submit function leaves it: SUBMITTED with fal's request id."""
-        store = JobStore(self.aws.table())
-        version = uuid.uuid4().hex
-        job_id = derive_job_id(self.aws.resources.bucket, key, version)
+        created = self.unsubmitted_job(key, uuid.uuid4().hex, event_time=iso(now_ms() - 5000))
         request_id = str(uuid.uuid4())
-        store.create(
-            job_id=job_id,
-            bucket=self.aws.resources.bucket,
-            key=key,
-            version_id=version,
-            etag="etag",
-            sequencer=None,
-            event_time=iso(now_ms() - 5000),
-            output_prefix=OutputLayout("inputs/", "outputs/").job_prefix(key, job_id),
-            lease_ms=60_000,
-        )
         base = f"{self.emulator.base_url}/fal-ai/flux-pro/requests/{request_id}"
-        return store.mark_submitted(
-            job_id,
+        return JobStore(self.aws.table()).mark_submitted(
+            created.job_id,
             request_id=request_id,
             gateway_request_id=request_id,
             status_url=f"{base}/status",
@@ -66,7 +53,7 @@ class Webhook:
             input_json=json.dumps(sent or SENT_INPUT),
         )
 
-    def unsubmitted_job(self, key: str, version: str) -> Job:
+    def unsubmitted_job(self, key: str, version: str, event_time: str | None = None) -> Job:
         """A job whose submit is under way: SUBMITTING, leased, no fal request id yet."""
         job_id = derive_job_id(self.aws.resources.bucket, key, version)
         created = JobStore(self.aws.table()).create(
@@ -74,9 +61,9 @@ class Webhook:
             bucket=self.aws.resources.bucket,
             key=key,
             version_id=version,
-            etag="e",
+            etag="etag",
             sequencer=None,
-            event_time=None,
+            event_time=event_time,
             output_prefix=OutputLayout("inputs/", "outputs/").job_prefix(key, job_id),
             lease_ms=60_000,
         )

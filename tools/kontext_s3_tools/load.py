@@ -73,7 +73,7 @@ def run(uploads: int, *, concurrency: int, uploaders: int, num_images: int, faul
                 time.sleep(0.5)
         wall = time.monotonic() - started
 
-        accepted = Counter(r.webhook_url.rsplit("/", 1)[-1] for r in stack.emulator.requests.values() if r.webhook_url)
+        accepted = stack.accepted_requests_per_job()
         s3 = stack.client("s3")
         complete, incomplete, failed, duplicated = 0, [], [], []
         latencies = []

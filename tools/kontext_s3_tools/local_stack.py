@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -673,6 +674,10 @@ class LocalStack:
 
     def client(self, service: str) -> Any:
         return aws_session().client(service, endpoint_url=self.moto.url)  # type: ignore[call-overload]
+
+    def accepted_requests_per_job(self) -> Counter[str]:
+        """How many requests the emulator accepted (fal would bill) per job, read from their webhook URLs."""
+        return Counter(r.webhook_url.rsplit("/", 1)[-1] for r in self.emulator.requests.values() if r.webhook_url)
 
     def jobs(self) -> JobStore:
         return JobStore(aws_session().resource("dynamodb", endpoint_url=self.moto.url).Table(self.resources.table))
