@@ -158,9 +158,11 @@ def wait_for_result(
             note = f" (fal request {job.request_id})" if job and job.request_id else ""
             progress(f"[{time.monotonic() - started:6.1f}s] {state}{note}")
             last = state
-        result = read_result(target, uploaded.job_id, uploaded.output_prefix)
-        if result is not None and (job is None or job.state.ended):
-            return result
+        # With the table, S3 is read once the job has ended; without it, S3 is all there is.
+        if jobs is None or (job is not None and job.state.ended):
+            result = read_result(target, uploaded.job_id, uploaded.output_prefix)
+            if result is not None:
+                return result
         time.sleep(interval)
     raise CliError(f"no result after {timeout:.0f} s; follow it with: kontext-s3 status {uploaded.job_id}")
 
