@@ -45,7 +45,7 @@ class Settings(BaseModel):
     jwks_cache_seconds: int = Field(default=6 * 3600, ge=0, alias="JWKS_CACHE_SECONDS")
     signature_tolerance_seconds: int = Field(default=300, ge=1, alias="SIGNATURE_TOLERANCE_SECONDS")
     webhook_max_body_bytes: int = Field(default=6 * 1024 * 1024, gt=0, alias="WEBHOOK_MAX_BODY_BYTES")
-    allowed_media_urls: tuple[str, ...] = Field(default=(), alias="ALLOWED_MEDIA_URLS")
+    allowed_media_urls: tuple[str, ...] = Field(default=tuple(DEFAULT_FAL_MEDIA_URLS.split(",")), alias="ALLOWED_MEDIA_URLS")
     max_output_image_bytes: int = Field(default=100 * 1024 * 1024, gt=0, alias="MAX_OUTPUT_IMAGE_BYTES")
 
     event_bus_name: str = Field(default="", alias="EVENT_BUS_NAME")
@@ -80,7 +80,6 @@ class Settings(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = dict(os.environ if environ is None else environ)
-        env.setdefault("ALLOWED_MEDIA_URLS", "")
         defaults = {name: env[f"DEFAULT_{name.upper()}"] for name in OPTIONAL_TAG_FIELDS if env.get(f"DEFAULT_{name.upper()}", "").strip()}
         try:
             settings = cls.model_validate({**env, "model_defaults": defaults})
