@@ -23,7 +23,7 @@ import boto3
 import httpx
 
 from kontext_s3.completion import JobFinisher, MediaPolicy
-from kontext_s3.jobs import JobStore
+from kontext_s3.jobs import JobStore, new_holder
 from kontext_s3.notifications import JobEvents
 from kontext_s3.output_store import OutputLayout
 
@@ -77,6 +77,7 @@ def main() -> None:
 
     def copy() -> None:
         job_id = uuid.uuid4().hex
+        holder = new_holder()
         created = jobs.create(
             job_id=job_id,
             bucket=bucket,
@@ -86,13 +87,15 @@ def main() -> None:
             sequencer=None,
             event_time=None,
             output_prefix=f"outputs/bench/{job_id}/",
-            lease_ms=60_000,
+            holder=holder,
+            hold_ms=60_000,
         )
         assert created is not None
-        job = jobs.mark_submitted(
-            job_id, request_id=job_id, gateway_request_id=None, status_url="s", response_url="r", cancel_url="c", input_json="{}"
-        )
-        assert finisher.succeed(job, payload) is not None
+        jobs.begin_send(job_id, holder, input_json="{}")
+        jobs.mark_submitted(job_id, holder, request_id=job_id, gateway_request_id=None, status_url="s", response_url="r", cancel_url="c")
+        claim = jobs.claim(job_id, new_holder(), hold_ms=60_000)
+        assert claim is not None
+        assert finisher.succeed(claim, payload, deadline=time.monotonic() + 60) is not None
 
     copy()  # warm imports and connections, so the peak below is the copy's own
     reset_peak_rss()

@@ -82,6 +82,12 @@ def jpeg_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = 
     return buffer.getvalue()
 
 
+def png_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = (20, 120, 240)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def invoke_sqs(module: ModuleType, messages: list[dict[str, Any]], queue_arn: str, timeout: float = 20.0) -> dict[str, Any]:
     response = module.lambda_handler(sqs_event(messages, queue_arn), LambdaContext("submit", timeout))
     assert isinstance(response, dict)

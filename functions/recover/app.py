@@ -36,20 +36,13 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     metrics.add_metric(name="RecoveryChecked", unit=MetricUnit.Count, value=report.checked)
     metrics.add_metric(name="JobsRecovered", unit=MetricUnit.Count, value=report.completed)
     metrics.add_metric(name="JobsExpired", unit=MetricUnit.Count, value=report.failed)
-    logger.info(
-        "recovery run",
-        extra={
-            "checked": report.checked,
-            "completed": report.completed,
-            "failed": report.failed,
-            "still_running": report.still_running,
-            "errors": len(report.errors),
-        },
-    )
-    return {
+    summary = {
         "checked": report.checked,
         "completed": report.completed,
         "failed": report.failed,
+        "uncertain": report.uncertain,
+        "notified": report.notified,
         "still_running": report.still_running,
-        "errors": report.errors[:20],
     }
+    logger.info("recovery run", extra={**summary, "errors": len(report.errors)})
+    return {**summary, "errors": report.errors[:20]}

@@ -1,7 +1,9 @@
 """SQS -> submit: each S3 upload notification becomes (at most) one fal queue request.
 
 Records of a batch are handled concurrently (fal's answer time dominates), and
-failures are reported per record so only those messages come back.
+failures are reported per record so only those messages come back. Metrics are
+added on the invocation's own thread, from each record's result: Powertools'
+metric store is not thread-safe.
 """
 
 from __future__ import annotations
@@ -33,13 +35,7 @@ executor = ThreadPoolExecutor(max_workers=10, thread_name_prefix="submit")
 # An all-failed batch is answered like any other (every id listed) instead of raising:
 # SQS brings back the same messages either way, and each failure is already logged.
 processor = AsyncBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
-
-
-def _count_retry(reason: str) -> None:
-    metrics.add_metric(name="FalRetries", unit=MetricUnit.Count, value=1)
-
-
-fal = wiring.fal_client(settings, http, on_retry=_count_retry)
+fal = wiring.fal_client(settings, http)
 finisher = wiring.job_finisher(settings, s3, jobs)
 submitter = Submitter(
     settings=settings,
@@ -60,21 +56,24 @@ _METRIC_OF = {
 
 
 def _handle(record: SQSRecord, deadline: float) -> list[ChangeResult]:
-    results = submitter.handle_message(
+    return submitter.handle_message(
         record.body,
+        message_id=record.message_id,
         receive_count=int(record.attributes.approximate_receive_count or 1),
         deadline=deadline,
     )
-    for result in results:
-        if result.outcome in _METRIC_OF:
-            metrics.add_metric(name=_METRIC_OF[result.outcome], unit=MetricUnit.Count, value=1)
-    return results
 
 
 async def record_handler(record: SQSRecord, lambda_context: LambdaContext) -> list[ChangeResult]:
     # Two seconds are kept back to report partial failures before Lambda's own timeout.
     deadline = time.monotonic() + lambda_context.get_remaining_time_in_millis() / 1000 - 2
-    return await asyncio.get_running_loop().run_in_executor(executor, _handle, record, deadline)
+    results = await asyncio.get_running_loop().run_in_executor(executor, _handle, record, deadline)
+    for result in results:  # back on the invocation's thread
+        if result.outcome in _METRIC_OF:
+            metrics.add_metric(name=_METRIC_OF[result.outcome], unit=MetricUnit.Count, value=1)
+        if result.fal_attempts > 1:
+            metrics.add_metric(name="FalRetries", unit=MetricUnit.Count, value=result.fal_attempts - 1)
+    return results
 
 
 @logger.inject_lambda_context(clear_state=True)

@@ -13,10 +13,11 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from kontext_s3 import wiring
+from kontext_s3.fal_account import FalAccount
 from kontext_s3.jobs import Job, JobState
 from kontext_s3.log import logger
 from kontext_s3.settings import Settings
-from kontext_s3.webhook import WebhookReceiver
+from kontext_s3.webhook import WebhookReceiver, deadline_from
 from kontext_s3.webhook_signature import JwksCache
 
 settings = Settings.from_env()
@@ -29,6 +30,7 @@ receiver = WebhookReceiver(
     finisher=wiring.job_finisher(settings, s3, jobs, http),
     # Module scope: the keys stay cached across invocations of a warm function.
     jwks=JwksCache(http, settings.fal_jwks_url, ttl_seconds=settings.jwks_cache_seconds),
+    account=FalAccount(jobs.table, configured_user_id=settings.fal_user_id),
     max_body_bytes=settings.webhook_max_body_bytes,
     tolerance_seconds=settings.signature_tolerance_seconds,
 )
@@ -41,8 +43,10 @@ def fal_webhook(job_id: str) -> Response[str]:
     body = event.body or ""
     raw = base64.b64decode(body) if event.is_base64_encoded else body.encode("utf-8")
     metrics.add_metric(name="WebhooksReceived", unit=MetricUnit.Count, value=1)
-    answer = receiver.handle(job_id, dict(event.headers), raw)
-    if answer.status in (400, 401, 404, 409, 413):
+    # Answer before Lambda's timeout, with time for fal to hear a 5xx and retry.
+    deadline = deadline_from(app.lambda_context.get_remaining_time_in_millis())
+    answer = receiver.handle(job_id, dict(event.headers), raw, deadline=deadline)
+    if answer.status in (400, 401, 403, 404, 409, 413):
         metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
     if answer.ended is not None:
         _count_ended(answer.ended)

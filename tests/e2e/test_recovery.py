@@ -53,8 +53,8 @@ def test_recovery_completes_a_job_whose_webhook_was_lost(stack: LocalStack, tmp_
     job = stack.jobs().get(uploaded.job_id)
     assert job is not None and job.state is JobState.SUBMITTED
     time.sleep(int(stack.environment["RECOVERY_AFTER_SECONDS"]) + 0.5)
-    report = stack.run_recovery()  # the production recover function, as the schedule invokes it
-    assert report["completed"] >= 1
+    stack.run_recovery()  # the production recover function, as its schedule (also running) invokes it
+    assert [d.get("lost") for d in stack.emulator.deliveries] == [True]  # so only recovery can have finished it
     result = cli.read_result(target, uploaded.job_id, uploaded.output_prefix)
     assert result is not None and result.succeeded and result.manifest is not None
     assert [image["key"] for image in result.manifest["images"]] == [f"{uploaded.output_prefix}image-{i}.jpg" for i in range(2)]
@@ -70,7 +70,7 @@ def test_recovery_records_a_failure_fal_reported_only_to_the_lost_webhook(stack:
     uploaded = cli.upload_image(target, image_file(tmp_path), {"prompt": "fails quietly"}, key="inputs/recovery/failed.jpg")
     wait_for_fal(stack)
     report = recovery_with(stack, after=0, max_age=600).run(deadline=time.monotonic() + 30)
-    assert report.failed == 1
+    assert report.failed >= 1
     result = cli.read_result(target, uploaded.job_id, uploaded.output_prefix)
     assert result is not None and result.error is not None and result.error["code"] == "fal_error"
 
@@ -83,7 +83,7 @@ def test_a_request_stuck_at_fal_past_the_max_age_is_cancelled_and_failed(stack: 
     recovery = recovery_with(stack, after=0, max_age=1)
     time.sleep(1.2)
     report = recovery.run(deadline=time.monotonic() + 30)
-    assert report.failed == 1
+    assert report.failed >= 1
     result = cli.read_result(target, uploaded.job_id, uploaded.output_prefix)
     assert result is not None and result.error is not None and result.error["code"] == "timed_out"
     assert "cancelled" in result.error["message"]

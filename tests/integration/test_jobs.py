@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kontext_s3.jobs import JobConflict, JobState, JobStore, now_ms
+from kontext_s3.jobs import Job, JobConflict, JobState, JobStore, now_ms
 from tests.helpers import Aws
 
 
@@ -32,7 +32,10 @@ class AnswerLostOnce:
         return twice
 
 
-def new_job(store: JobStore, job_id: str = "a" * 32, lease_ms: int = 60_000) -> Any:
+HOLDER = "h" * 32
+
+
+def new_job(store: JobStore, job_id: str = "a" * 32, hold_ms: int = 60_000, holder: str = HOLDER) -> Any:
     return store.create(
         job_id=job_id,
         bucket="b",
@@ -42,8 +45,19 @@ def new_job(store: JobStore, job_id: str = "a" * 32, lease_ms: int = 60_000) -> 
         sequencer=None,
         event_time=None,
         output_prefix="outputs/k.jpg/x/",
-        lease_ms=lease_ms,
+        holder=holder,
+        hold_ms=hold_ms,
     )
+
+
+def submitted(store: JobStore, job_id: str = "a" * 32, request_id: str = "r1") -> Job:
+    assert new_job(store, job_id) is not None
+    store.begin_send(job_id, HOLDER, input_json="{}")
+    job = store.mark_submitted(
+        job_id, HOLDER, request_id=request_id, gateway_request_id=None, status_url="s", response_url="r", cancel_url="c"
+    )
+    assert job is not None
+    return job
 
 
 def test_only_one_create_wins(aws: Aws) -> None:
@@ -61,55 +75,91 @@ def test_a_retried_create_whose_first_attempt_landed_is_still_ours(aws: Aws) -> 
 
 def test_a_retried_transition_whose_first_attempt_landed_is_still_ours(aws: Aws) -> None:
     store = JobStore(AnswerLostOnce(aws.table()))  # type: ignore[arg-type]
-    job = new_job(store)
-    assert job is not None
-    submitted = store.mark_submitted(
-        job.job_id, request_id="r1", gateway_request_id=None, status_url="s", response_url="r", cancel_url="c", input_json="{}"
-    )
-    assert submitted.state is JobState.SUBMITTED
-    done = store.complete(job.job_id, output_keys=["o"], manifest_key="m")
+    job = submitted(store)
+    assert job.state is JobState.SUBMITTED
+    claim = store.claim(job.job_id, "finisher", hold_ms=10_000)
+    assert claim is not None
+    done = store.complete(job.job_id, "finisher", output_keys=["o"], manifest_key="m", note="1 image", notify=False)
     assert done is not None and done.state is JobState.COMPLETED
 
 
-def test_the_lease_decides_who_may_resume(aws: Aws) -> None:
+def test_the_hold_decides_who_may_take_a_job_up_again(aws: Aws) -> None:
     store = JobStore(aws.table())
     job = new_job(store)
-    assert job is not None and job.lease_until_ms
-    assert store.claim(job.job_id, lease_ms=1000) is None  # held
-    store.release(job.job_id, job.lease_until_ms, reason="503")
-    claimed = store.claim(job.job_id, lease_ms=1000)
-    assert claimed is not None and claimed.attempts == 2 and claimed.lease_until_ms
-    assert store.claim(job.job_id, lease_ms=1000) is None
+    assert job is not None and job.holder == HOLDER
+    assert store.take_over(job.job_id, holder="other", hold_ms=1000) is None  # held
+    store.release(job.job_id, HOLDER, reason="503")
+    taken = store.take_over(job.job_id, holder="other", hold_ms=1000)
+    assert taken is not None and taken.attempts == 2 and taken.holder == "other"
+    assert store.take_over(job.job_id, holder="third", hold_ms=1000) is None
 
 
-def test_endings_are_final(aws: Aws) -> None:
+def test_a_lapsed_hold_before_sending_may_be_taken_over_but_never_after(aws: Aws) -> None:
     store = JobStore(aws.table())
-    job = new_job(store)
-    assert job is not None
-    store.mark_submitted(
-        job.job_id, request_id="r", gateway_request_id=None, status_url="s", response_url="r", cancel_url="c", input_json="{}"
-    )
-    assert store.complete(job.job_id, output_keys=["o"], manifest_key="m") is not None
-    assert store.complete(job.job_id, output_keys=["o"], manifest_key="m") is None
-    assert store.fail(job.job_id, code="x", message="y", error_key="e") is None
+    assert new_job(store, "b" * 32, hold_ms=-1) is not None  # its holder died before sending
+    assert store.take_over("b" * 32, holder="other", hold_ms=1000) is not None
+    assert new_job(store, "c" * 32, hold_ms=60_000) is not None
+    store.begin_send("c" * 32, HOLDER, input_json="{}")
+    store.release("c" * 32, HOLDER, reason="nope")  # release is not a way back from SENDING
+    job = store.get("c" * 32)
+    assert job is not None and job.state is JobState.SENDING
+    with pytest.raises(JobConflict):
+        store.begin_send("c" * 32, "other", input_json="{}")
+
+
+def test_only_a_definite_not_enqueued_answer_leads_back_from_sending(aws: Aws) -> None:
+    store = JobStore(aws.table())
+    assert new_job(store) is not None
+    store.begin_send("a" * 32, HOLDER, input_json="{}")
+    back = store.not_enqueued("a" * 32, HOLDER, reason="503 without x-fal-request-id")
+    assert back is not None and back.state is JobState.SUBMITTING and back.holder is None
+
+
+def test_endings_are_final_and_need_the_hold(aws: Aws) -> None:
+    store = JobStore(aws.table())
+    job = submitted(store)
+    assert store.complete(job.job_id, "nobody", output_keys=["o"], manifest_key="m", note="", notify=False) is None  # not held
+    assert store.claim(job.job_id, "f1", hold_ms=10_000) is not None
+    assert store.claim(job.job_id, "f2", hold_ms=10_000) is None  # one finisher at a time
+    assert store.complete(job.job_id, "f1", output_keys=["o"], manifest_key="m", note="", notify=False) is not None
+    assert store.claim(job.job_id, "f2", hold_ms=10_000) is None
+    assert store.fail(job.job_id, "f1", code="x", message="y", error_key="e") is None
     ended = store.get(job.job_id)
     assert ended is not None and ended.state is JobState.COMPLETED
-    with pytest.raises(JobConflict):
-        store.mark_submitted(
-            job.job_id, request_id="r2", gateway_request_id=None, status_url="s", response_url="r", cancel_url="c", input_json="{}"
-        )
 
 
-def test_open_jobs_are_found_by_state_and_age_and_leave_the_index_when_they_end(aws: Aws) -> None:
+def test_a_lapsed_finisher_claim_is_taken_over_and_says_so(aws: Aws) -> None:
     store = JobStore(aws.table())
-    ids = [f"{i:032x}" for i in range(3)]
+    job = submitted(store)
+    assert store.claim(job.job_id, "dead", hold_ms=-1) is not None
+    claim = store.claim(job.job_id, "alive", hold_ms=10_000)
+    assert claim is not None and claim.took_over
+    assert store.complete(job.job_id, "dead", output_keys=[], manifest_key="m", note="", notify=False) is None
+
+
+def test_only_one_caller_wins_the_notification(aws: Aws) -> None:
+    store = JobStore(aws.table())
+    job = submitted(store)
+    store.claim(job.job_id, "f", hold_ms=10_000)
+    store.complete(job.job_id, "f", output_keys=[], manifest_key="m", note="", notify=True)
+    assert store.claim_notification(job.job_id) is True
+    assert store.claim_notification(job.job_id) is False
+    store.mark_notified(job.job_id)
+    assert store.claim_notification(job.job_id, hold_ms=-1) is False
+
+
+def test_open_jobs_are_listed_least_recently_checked_first_and_leave_the_index_when_they_end(aws: Aws) -> None:
+    store = JobStore(aws.table())
+    ids = [f"{i:04x}" + "0" * 28 for i in range(5)]  # spread over shards
     for job_id in ids:
-        job = new_job(store, job_id)
-        assert job is not None
-        store.mark_submitted(
-            job_id, request_id=job_id, gateway_request_id=None, status_url="s", response_url="r", cancel_url="c", input_json="{}"
-        )
-    assert sorted(j.job_id for j in store.open_jobs(JobState.SUBMITTED, now_ms() + 1)) == ids
-    assert store.open_jobs(JobState.SUBMITTED, now_ms() - 60_000) == []
-    store.complete(ids[0], output_keys=[], manifest_key="m")
-    assert sorted(j.job_id for j in store.open_jobs(JobState.SUBMITTED, now_ms() + 1)) == ids[1:]
+        submitted(store, job_id, request_id=job_id)
+    assert store.open_job_ids("SUBMITTED", checked_before_ms=now_ms() + 1) == ids
+    assert store.open_job_ids("SUBMITTED", checked_before_ms=now_ms() - 60_000) == []
+    first = store.get(ids[0])
+    assert first is not None
+    store.touch(first)  # checked now: it goes to the back
+    assert store.open_job_ids("SUBMITTED", checked_before_ms=now_ms() + 1) == [*ids[1:], ids[0]]
+    store.claim(ids[1], "f", hold_ms=10_000)
+    store.complete(ids[1], "f", output_keys=[], manifest_key="m", note="", notify=False)
+    assert ids[1] not in store.open_job_ids("SUBMITTED", checked_before_ms=now_ms() + 1)
+    assert store.open_job_ids("NOTIFY", checked_before_ms=now_ms() + 1) == []

@@ -85,7 +85,7 @@ def test_a_tagged_upload_becomes_one_fal_request_with_the_model_input_and_a_webh
     assert job is not None and job.state is JobState.SUBMITTED
     assert job.request_id in emulator.requests
     assert job.status_url and job.status_url.endswith(f"/requests/{job.request_id}/status")
-    assert [h.state for h in job.history] == [JobState.SUBMITTING, JobState.SUBMITTED]
+    assert [h.state for h in job.history] == [JobState.SUBMITTING, JobState.SENDING, JobState.SUBMITTED]
     # The presigned URL is a credential: the job keeps the object's address instead.
     assert job.sent_input is not None and job.sent_input["image_url"] == f"s3://{aws.resources.bucket}/{key}?versionId={version}"
     assert aws.receive(wait=0, visibility=0) == []  # the message was deleted, not retried
@@ -176,7 +176,7 @@ def test_fal_500_forever_ends_in_the_dlq_with_the_job_marked_failed(aws: Aws, em
     emulator.set_faults(submit_5xx=10_000)
     key = "inputs/down.jpg"
     version = upload(aws, key, {"prompt": "sunset"})
-    local_lambda = poller(aws, submit, timeout=5.0)  # ~3 s of retries per invocation
+    local_lambda = poller(aws, submit, timeout=7.0)  # ~2 s of retries per invocation, then 3 s to hear an answer
     deliveries = 0
     for _ in range(aws.resources.max_receive_count + 2):
         deliveries += local_lambda.poll_once(wait_seconds=1)
@@ -197,7 +197,7 @@ def test_a_dlq_redrive_resumes_a_retryably_failed_job(aws: Aws, emulator: FalEmu
     emulator.set_faults(submit_5xx=10_000)
     key = "inputs/redrive.jpg"
     version = upload(aws, key, {"prompt": "fog"})
-    local_lambda = poller(aws, submit, timeout=4.0)
+    local_lambda = poller(aws, submit, timeout=6.0)
     for _ in range(aws.resources.max_receive_count + 1):
         local_lambda.poll_once(wait_seconds=1)
     [dead] = aws.receive(aws.resources.dlq_url, wait=1)
@@ -255,7 +255,7 @@ def test_a_wrong_fal_key_keeps_the_upload_for_a_retry(
     assert response == {"batchItemFailures": [{"itemIdentifier": message["MessageId"]}]}
     job_id, jobs = job_of(aws, key, version)
     job = jobs.get(job_id)
-    assert job is not None and job.state is JobState.SUBMITTING and job.lease_until_ms is None
+    assert job is not None and job.state is JobState.SUBMITTING and job.holder is None
     assert "key" in (job.error_message or "")
 
 

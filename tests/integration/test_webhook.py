@@ -16,11 +16,11 @@ import httpx
 import pytest
 
 from kontext_s3.job_id import derive_job_id
-from kontext_s3.jobs import Job, JobState, JobStore, iso, now_ms
+from kontext_s3.jobs import Job, JobState, JobStore, iso, new_holder, now_ms
 from kontext_s3.output_store import OutputLayout
 from kontext_s3_tools.emulator import FalEmulator, WebhookSigner
 from kontext_s3_tools.local_stack import FunctionUrlServer, LambdaContext, function_url_event
-from tests.helpers import Aws, RecordingServer, jpeg_bytes
+from tests.helpers import Aws, RecordingServer, jpeg_bytes, png_bytes
 
 SENT_INPUT = {
     "prompt": "make it night",
@@ -40,23 +40,27 @@ class Webhook:
 
     def job(self, key: str = "inputs/street/night.jpg", sent: dict[str, Any] | None = None) -> Job:
         """A job as the submit function leaves it: SUBMITTED with fal's request id."""
-        created = self.unsubmitted_job(key, uuid.uuid4().hex, event_time=iso(now_ms() - 5000))
+        created = self.unsubmitted_job(key, uuid.uuid4().hex, event_time=iso(now_ms() - 5000), sent=sent)
         request_id = str(uuid.uuid4())
         base = f"{self.emulator.base_url}/fal-ai/flux-pro/requests/{request_id}"
-        return JobStore(self.aws.table()).mark_submitted(
+        submitted = JobStore(self.aws.table()).mark_submitted(
             created.job_id,
+            str(created.holder),
             request_id=request_id,
             gateway_request_id=request_id,
             status_url=f"{base}/status",
             response_url=base,
             cancel_url=f"{base}/cancel",
-            input_json=json.dumps(sent or SENT_INPUT),
         )
+        assert submitted is not None
+        return submitted
 
-    def unsubmitted_job(self, key: str, version: str, event_time: str | None = None) -> Job:
-        """A job whose submit is under way: SUBMITTING, leased, no fal request id yet."""
+    def unsubmitted_job(self, key: str, version: str, event_time: str | None = None, sent: dict[str, Any] | None = None) -> Job:
+        """A job whose submit is under way: SENDING, held by its sender, no fal request id yet."""
         job_id = derive_job_id(self.aws.resources.bucket, key, version)
-        created = JobStore(self.aws.table()).create(
+        store = JobStore(self.aws.table())
+        holder = new_holder()
+        created = store.create(
             job_id=job_id,
             bucket=self.aws.resources.bucket,
             key=key,
@@ -65,10 +69,11 @@ class Webhook:
             sequencer=None,
             event_time=event_time,
             output_prefix=OutputLayout("inputs/", "outputs/").job_prefix(key, job_id),
-            lease_ms=60_000,
+            holder=holder,
+            hold_ms=60_000,
         )
         assert created is not None
-        return created
+        return store.begin_send(job_id, holder, input_json=json.dumps(sent or SENT_INPUT))
 
     def success(self, job: Job, images: list[bytes], **extra: Any) -> dict[str, Any]:
         described = [
@@ -102,10 +107,11 @@ class Webhook:
         timestamp: int | None = None,
         drop: str | None = None,
         body_override: bytes | None = None,
+        user_id: str = "user-1",
     ) -> httpx.Response:
         body = document if isinstance(document, bytes) else json.dumps(document).encode()
         rid = request_id or (json.loads(body)["request_id"] if not isinstance(document, bytes) else "x")
-        headers = (signer or self.emulator.signer).headers(rid, "user-1", body, timestamp)
+        headers = (signer or self.emulator.signer).headers(rid, user_id, body, timestamp)
         if drop:
             headers.pop(drop)
         return httpx.post(
@@ -247,14 +253,17 @@ def test_two_concurrent_deliveries_end_with_one_complete_set(webhook: Webhook) -
         thread.start()
     for thread in threads:
         thread.join()
-    assert answers == [200, 200]
+    # One claims the job and copies; the other is told to retry (or finds it ended).
+    assert sorted(answers) in ([200, 200], [200, 409])
+    assert all(count == 1 for count in webhook.emulator.file_fetches.values()), webhook.emulator.file_fetches
     prefix = job.output_prefix
     assert webhook.outputs(job) == [f"{prefix}image-0.jpg", f"{prefix}image-1.jpg", f"{prefix}manifest.json"]
     versions = webhook.aws.s3.list_object_versions(Bucket=job.bucket, Prefix=prefix)["Versions"]
     etags: dict[str, set[str]] = {}
     for version in versions:
         etags.setdefault(version["Key"], set()).add(version["ETag"])
-    assert all(len(tags) == 1 for tags in etags.values()), etags  # any second write was identical
+    assert all(len(tags) == 1 for tags in etags.values()), etags
+    assert len(versions) == 3  # each file written once
     ended = JobStore(webhook.aws.table()).get(job.job_id)
     assert ended is not None and ended.state is JobState.COMPLETED
     assert [h.state for h in ended.history].count(JobState.COMPLETED) == 1
@@ -337,7 +346,7 @@ def test_a_download_fault_answers_5xx_and_leaves_the_job_open_for_the_retry(webh
 
 def test_sync_mode_data_uris_are_decoded(webhook: Webhook) -> None:
     job = webhook.job(sent={**SENT_INPUT, "sync_mode": True, "output_format": "png"})
-    image = jpeg_bytes(color=(9, 9, 9))
+    image = png_bytes(color=(9, 9, 9))
     document = webhook.success(job, [image])
     document["payload"]["images"][0] |= {"url": "data:image/png;base64," + base64.b64encode(image).decode(), "content_type": "image/png"}
     assert webhook.post(job.job_id, document).status_code == 200
@@ -397,19 +406,36 @@ def test_a_webhook_faster_than_the_submit_record_is_asked_to_retry(webhook: Webh
     assert early.status_code == 409
     assert webhook.aws.keys(created.output_prefix) == []
     store.mark_submitted(
-        job_id, request_id=request_id, gateway_request_id=None, status_url="s", response_url="r", cancel_url="c", input_json="{}"
+        job_id, str(created.holder), request_id=request_id, gateway_request_id=None, status_url="s", response_url="r", cancel_url="c"
     )
     assert webhook.post(job_id, document).status_code == 200  # fal's retry
 
 
 def test_an_uncertain_job_learns_its_request_id_from_a_verified_webhook(webhook: Webhook) -> None:
+    # A first webhook whose request id our submit recorded proves (and pins) our fal account.
+    first = webhook.job(key="inputs/first.jpg")
+    assert webhook.post(first.job_id, webhook.success(first, [jpeg_bytes()])).status_code == 200
     store = JobStore(webhook.aws.table())
     created = webhook.unsubmitted_job("inputs/uncertain.jpg", "v9")
     job_id = created.job_id
-    assert created.lease_until_ms is not None
-    store.mark_uncertain(job_id, created.lease_until_ms, reason="read timeout")
+    store.mark_uncertain(job_id, holder=str(created.holder), reason="read timeout")
     request_id = str(uuid.uuid4())
     fake = Job.model_validate({**created.model_dump(), "request_id": request_id})
     assert webhook.post(job_id, webhook.success(fake, [jpeg_bytes()])).status_code == 200
     ended = store.get(job_id)
     assert ended is not None and ended.state is JobState.COMPLETED and ended.request_id == request_id
+
+
+def test_an_uncertain_jobs_webhook_from_another_fal_account_is_refused(webhook: Webhook) -> None:
+    first = webhook.job(key="inputs/first.jpg")
+    assert webhook.post(first.job_id, webhook.success(first, [jpeg_bytes()])).status_code == 200  # pins "user-1"
+    store = JobStore(webhook.aws.table())
+    created = webhook.unsubmitted_job("inputs/uncertain.jpg", "v9")
+    store.mark_uncertain(created.job_id, holder=str(created.holder), reason="read timeout")
+    fake = Job.model_validate({**created.model_dump(), "request_id": str(uuid.uuid4())})
+    # Validly signed by fal, for another fal account's request.
+    response = webhook.post(created.job_id, webhook.success(fake, [jpeg_bytes()]), user_id="someone-else")
+    assert response.status_code == 403 and "fal account" in response.json()["error"]
+    assert webhook.outputs(created) == []
+    still = store.get(created.job_id)
+    assert still is not None and still.state is JobState.UNCERTAIN and still.request_id is None

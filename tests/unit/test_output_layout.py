@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kontext_s3.media_urls import MediaUrlRefused, check_media_url
-from kontext_s3.output_store import OutputLayout, parse_data_uri
+from kontext_s3.output_store import OutputLayout, has_dot_segments, parse_data_uri
 from kontext_s3.settings import DEFAULT_FAL_MEDIA_URLS
 
 LAYOUT = OutputLayout("inputs/", "outputs/")
@@ -14,8 +14,7 @@ LAYOUT = OutputLayout("inputs/", "outputs/")
 def test_outputs_mirror_the_input_path_then_the_job() -> None:
     prefix = LAYOUT.job_prefix("inputs/shop/shoe 1.jpg", "ab" * 16)
     assert prefix == f"outputs/shop/shoe 1.jpg/{'ab' * 16}/"
-    assert LAYOUT.image_key(prefix, 0, "image/png", "jpeg") == prefix + "image-0.png"
-    assert LAYOUT.image_key(prefix, 3, None, "jpeg") == prefix + "image-3.jpg"
+    assert LAYOUT.image_key(prefix, 0, "png") == prefix + "image-0.png"
     assert LAYOUT.manifest_key(prefix) == prefix + "manifest.json"
     assert LAYOUT.error_key(prefix) == prefix + "error.json"
 
@@ -32,6 +31,16 @@ def test_a_very_long_key_keeps_its_results_by_job_id() -> None:
     assert LAYOUT.job_prefix("inputs/" + "é" * 600, "f" * 32) == f"outputs/_long-keys/{'f' * 32}/"
 
 
+@pytest.mark.parametrize("key", ["inputs/../x.png", "inputs/a/./b.png", "inputs/a/..", "inputs/./x"])
+def test_a_key_with_dot_segments_keeps_its_error_record_inside_the_output_prefix(key: str) -> None:
+    assert LAYOUT.job_prefix(key, "e" * 32) == f"outputs/_unsupported-keys/{'e' * 32}/"
+    assert has_dot_segments(key)
+
+
+def test_dots_inside_names_are_not_segments() -> None:
+    assert not has_dot_segments("inputs/a..b/.hidden/x...png")
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -42,7 +51,7 @@ def test_a_very_long_key_keeps_its_results_by_job_id() -> None:
     ],
 )
 def test_fals_media_hosts_are_allowed_by_default(url: str) -> None:
-    check_media_url(url, DEFAULT_FAL_MEDIA_URLS.split(","))
+    assert str(check_media_url(url, DEFAULT_FAL_MEDIA_URLS.split(","))) == url  # the URL requested is the URL judged
 
 
 @pytest.mark.parametrize(
@@ -56,6 +65,15 @@ def test_fals_media_hosts_are_allowed_by_default(url: str) -> None:
         "https://storage.googleapis.com/someone-elses-bucket/a.jpg",
         "https://v3.fal.media:8443/files/a.jpg",
         "file:///etc/passwd",
+        # Dot segments: the client would request another path than the one judged.
+        "https://storage.googleapis.com/falserverless/../other/x.png",
+        "https://storage.googleapis.com/falserverless/./../other/x.png",
+        "https://storage.googleapis.com/falserverless/%2e%2e/other/x.png",
+        "https://storage.googleapis.com/falserverless/%2E%2E/other/x.png",
+        "https://storage.googleapis.com/falserverless/.%2e/other/x.png",
+        "https://storage.googleapis.com/falserverless/%252e%252e/other/x.png",
+        "https://storage.googleapis.com/falserverless%2f..%2fother/x.png",
+        "https://storage.googleapis.com/falserverless/..%5cother/x.png",
     ],
 )
 def test_anything_else_is_refused(url: str) -> None:

@@ -251,6 +251,7 @@ def function_environment(resources: Resources, *, emulator: FalEmulator, webhook
     return {
         **aws_environment(aws_endpoint),
         "JOBS_TABLE": resources.table,
+        "INPUT_BUCKET": resources.bucket,
         "INPUT_PREFIX": resources.input_prefix,
         "OUTPUT_PREFIX": resources.output_prefix,
         "FAL_QUEUE_URL": emulator.base_url,

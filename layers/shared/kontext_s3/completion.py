@@ -1,18 +1,27 @@
 """Ending a job: outputs and manifest, or an error record; then the state, then the event.
 
-The webhook, the recovery function and the submit function's failures all end
-jobs here, so every ending leaves the same evidence: files in S3 that a user
-finds from the input key, the job's end state, and one EventBridge event.
+The webhook, the recovery function, cancellation and the submit function's
+failures all end jobs here, so every ending leaves the same evidence: files in
+S3 that a user finds from the input key, the job's end state, and one
+EventBridge event.
 
-Order matters. Files are written first and the state moved after, with a
-conditional write: if the function dies in between, the job is still open and
-the next webhook retry (or the recovery function) writes the same keys again.
+**Only the caller that holds a job ends it.** A finisher first claims the job
+(one conditional write; see ``jobs``); a caller that loses the claim does
+nothing and says so. The holder writes its files, then ends the job with a
+write conditional on still holding it. The event is published by whoever wins
+the job's notification claim, once. So an OK and an ERROR webhook, a webhook
+retry and recovery, or a cancel racing a success never both leave their files.
+
+Copies are bounded: at most the ``num_images`` that were asked, each streamed
+with a size cap, all within a total deadline; and only bytes that are the
+image format asked for are stored.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,21 +30,29 @@ import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
-from kontext_s3.jobs import Job, JobState, JobStore, iso, now_ms
+from kontext_s3.image_types import OUTPUT_FORMAT_TYPES, SNIFF_BYTES, sniff_image
+from kontext_s3.jobs import AT_FAL, Claim, Job, JobState, JobStore, iso, new_holder, now_ms
 from kontext_s3.log import logger
 from kontext_s3.media_urls import MediaUrlRefused, check_media_url
 from kontext_s3.model_schema import FieldProblem, KontextMaxOutput
 from kontext_s3.notifications import JobEvents
-from kontext_s3.output_store import OutputLayout, TooLarge, content_type_for, extension, parse_data_uri, stream_to_s3, write_json
+from kontext_s3.output_store import OutputLayout, TooLarge, extension_of, parse_data_uri, stream_to_s3, write_json
+from kontext_s3.redact import redact
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 MANIFEST_VERSION = 1
+#: A finisher's hold outlives its deadline by this much, so a live holder is never taken over.
+HOLD_MARGIN_MS = 15_000
 
 
 class DeliveryFault(RuntimeError):
     """Copying the outputs failed for a reason a retry may fix: answer 5xx, keep the job open."""
+
+
+class NotAnImage(ValueError):
+    """An output's bytes are not the image format that was asked for."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +79,25 @@ class JobFinisher:
     http: httpx.Client | None = None
     media: MediaPolicy = field(default_factory=lambda: MediaPolicy(allowed_urls=(), max_image_bytes=100 * 1024 * 1024))
 
+    # -- claiming -------------------------------------------------------------------
+
+    def claim(self, job_id: str, *, deadline: float, states: Iterable[JobState] = AT_FAL) -> Claim | None:
+        """Hold the job until ``deadline`` (plus a margin); ``None`` when someone else holds it or it is not open."""
+        hold_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + HOLD_MARGIN_MS
+        claim = self.jobs.claim(job_id, new_holder(), hold_ms=hold_ms, states=states)
+        if claim is None:
+            logger.info("another caller holds or has ended this job; leaving it to them")
+        return claim
+
+    def let_go(self, claim: Claim) -> None:
+        self.jobs.unclaim(claim.job.job_id, claim.holder)
+
     # -- failure ------------------------------------------------------------------
 
     def fail(
         self,
         job: Job,
+        holder: str,
         *,
         stage: str,
         code: str,
@@ -74,16 +105,14 @@ class JobFinisher:
         problems: Iterable[FieldProblem] = (),
         fal: dict[str, Any] | None = None,
         retryable: bool = False,
-        from_states: tuple[JobState, ...] = (JobState.SUBMITTING, JobState.SUBMITTED, JobState.UNCERTAIN),
+        took_over: bool = False,
     ) -> Job | None:
-        """Write ``error.json`` beside where the outputs would be, then end the job as FAILED.
+        """Write ``error.json`` beside where the outputs would be, then end the held job as FAILED.
 
-        Returns the ended job, or ``None`` if it had already ended; its state is then
-        left as it was, and an error record that a success had made untrue is removed.
-        Two *different* failures racing (recovery timing a job out as fal's ERROR
-        webhook lands) can leave the loser's ``error.json``; the job record, written
-        conditionally, stays the authority.
+        Returns the ended job, or ``None`` when the hold was lost (the job is then
+        someone else's, and an error record that would contradict their success is removed).
         """
+        message = redact(message)
         error_key = self.layout.error_key(job.output_prefix)
         record = {
             "kontext_s3_error": MANIFEST_VERSION,
@@ -98,13 +127,17 @@ class JobFinisher:
             "what_to_do": _advice(code, retryable),
             "at": iso(now_ms()),
         }
-        write_json(self.s3, job.bucket, error_key, record)
-        ended = self.jobs.fail(job.job_id, code=code, message=message, error_key=error_key, retryable=retryable, from_states=from_states)
+        if took_over:
+            self._remove_outputs(job)  # an earlier holder may have copied images before it died
+        write_json(self.s3, job.bucket, error_key, redact(record))
+        ended = self.jobs.fail(
+            job.job_id, holder, code=code, message=message, error_key=error_key, retryable=retryable, notify=self.events.enabled
+        )
         if ended is None:
             current = self.jobs.get(job.job_id)
             if current is not None and current.state is JobState.COMPLETED:
-                # Lost a race with a success: the error record would contradict the outputs.
                 self.s3.delete_object(Bucket=job.bucket, Key=error_key)
+            logger.warning("lost the job while failing it; its current holder decides", extra={"code": code})
             return None
         logger.warning("job failed", extra={"code": code, "reason": message, "error_key": error_key})
         self.notify(ended)
@@ -112,45 +145,78 @@ class JobFinisher:
 
     # -- success --------------------------------------------------------------------
 
-    def succeed(self, job: Job, payload: Any) -> Job | None:
-        """Copy every output image and write the manifest, then end the job COMPLETED.
+    def succeed(self, claim: Claim, payload: Any, *, deadline: float) -> Job | None:
+        """Copy the output images and write the manifest, then end the held job COMPLETED.
 
-        A payload that is not a valid model output, or that names a URL off the
-        allow-list, ends the job FAILED with the reason (nothing is fetched).
-        Raises :class:`DeliveryFault` when a download or an S3 write fails.
+        A payload that is not a valid model output, names a URL off the allow-list,
+        has no image, or holds bytes that are not the image format asked for ends the
+        job FAILED with the reason. Raises :class:`DeliveryFault` (after letting go of
+        the job) when a download or an S3 write fails or time runs out.
         """
+        job, holder = claim.job, claim.holder
         try:
             output = KontextMaxOutput.model_validate(payload)
         except ValidationError as exc:
             return self.fail(
                 job,
+                holder,
                 stage="output",
                 code="invalid_output",
                 message=f"fal's output does not match the model's output schema: {exc.error_count()} problem(s)",
-                problems=[FieldProblem(field=".".join(str(x) for x in e["loc"]), message=e["msg"]) for e in exc.errors()],
+                problems=[FieldProblem(field=".".join(str(x) for x in e["loc"]), message=e["msg"]) for e in exc.errors()[:20]],
                 fal={"request_id": job.request_id, "payload": _elide_data_uris(payload)},
+                took_over=claim.took_over,
             )
-        for image in output.images:
-            if not image.url.startswith("data:"):
-                try:
-                    check_media_url(image.url, self.media.allowed_urls)
-                except MediaUrlRefused as exc:
-                    return self.fail(
-                        job,
-                        stage="output",
-                        code="media_url_refused",
-                        message=f"an output image URL was refused and not fetched: {exc}",
-                        fal={"request_id": job.request_id},
-                    )
-        output_format = (job.sent_input or {}).get("output_format")
-        started = time.monotonic()
-        with ThreadPoolExecutor(max_workers=max(1, min(self.media.parallel_downloads, len(output.images)))) as pool:
-            copied = list(
-                pool.map(
-                    lambda pair: self._copy_image(job, pair[0], pair[1].url, pair[1].content_type, output_format),
-                    enumerate(output.images),
+        sent = job.sent_input or {}
+        asked = int(sent.get("num_images") or 1)
+        images = output.images[:asked]
+        if not images:
+            return self.fail(
+                job,
+                holder,
+                stage="output",
+                code="no_images",
+                message=f"fal reported success but returned no image ({asked} asked)",
+                fal={"request_id": job.request_id, "payload": _elide_data_uris(payload)},
+                took_over=claim.took_over,
+            )
+        targets: list[str | httpx.URL] = []
+        for image in images:
+            if image.url.startswith("data:"):
+                targets.append(image.url)
+                continue
+            try:
+                targets.append(check_media_url(image.url, self.media.allowed_urls))
+            except MediaUrlRefused as exc:
+                return self.fail(
+                    job,
+                    holder,
+                    stage="output",
+                    code="media_url_refused",
+                    message=f"an output image URL was refused and not fetched: {exc}",
+                    fal={"request_id": job.request_id},
+                    took_over=claim.took_over,
                 )
+        expected = OUTPUT_FORMAT_TYPES.get(str(sent.get("output_format") or "jpeg"))
+        started = time.monotonic()
+        if claim.took_over:
+            self._remove_outputs(job)
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(self.media.parallel_downloads, len(images)))) as pool:
+                copied = list(pool.map(lambda pair: self._copy_image(job, pair[0], pair[1], expected, deadline), enumerate(targets)))
+        except NotAnImage as exc:
+            return self.fail(
+                job,
+                holder,
+                stage="output",
+                code="not_an_image",
+                message=str(exc),
+                fal={"request_id": job.request_id},
+                took_over=True,  # some images may be stored already
             )
+        except DeliveryFault:
+            self.jobs.unclaim(job.job_id, holder)
+            raise
         manifest_key = self.layout.manifest_key(job.output_prefix)
         manifest = {
             "kontext_s3_manifest": MANIFEST_VERSION,
@@ -158,16 +224,12 @@ class JobFinisher:
             "request_id": job.request_id,
             "source": source_of(job),
             "input": job.sent_input,
-            "output": _elide_data_uris(output.model_dump(mode="json")),
+            "output": _elide_data_uris(redact(output.model_dump(mode="json"))),
+            "images_asked": asked,
+            "images_returned": len(output.images),
             "images": [
-                {
-                    "key": c.key,
-                    "content_type": c.content_type,
-                    "bytes": c.bytes,
-                    "width": image.width,
-                    "height": image.height,
-                }
-                for c, image in zip(copied, output.images, strict=True)
+                {"key": c.key, "content_type": c.content_type, "bytes": c.bytes, "width": image.width, "height": image.height}
+                for c, image in zip(copied, images, strict=True)
             ],
             # No "completed at": concurrent deliveries must write identical manifests.
             # The job's history and S3's LastModified say when it was written.
@@ -177,54 +239,107 @@ class JobFinisher:
         try:
             write_json(self.s3, job.bucket, manifest_key, manifest)
         except (ClientError, BotoCoreError) as exc:
+            self.jobs.unclaim(job.job_id, holder)
             raise DeliveryFault(f"cannot write the manifest: {exc}") from exc
-        ended = self.jobs.complete(job.job_id, output_keys=[c.key for c in copied], manifest_key=manifest_key)
+        note = f"{len(copied)} image(s) written" + (f", {asked} asked" if len(copied) != asked else "")
+        ended = self.jobs.complete(
+            job.job_id, holder, output_keys=[c.key for c in copied], manifest_key=manifest_key, note=note, notify=self.events.enabled
+        )
         if ended is None:
+            logger.warning("lost the job while completing it; its current holder decides")
             return None
-        if job.attempts > 1:
-            # An earlier, retryable failure may have left an error record that is no longer true.
+        if job.error_written:
+            # An earlier, retryable failure left an error record that is no longer true.
             self.s3.delete_object(Bucket=job.bucket, Key=self.layout.error_key(job.output_prefix))
         logger.info(
             "job completed",
-            extra={"images": len(copied), "manifest_key": manifest_key, "copy_seconds": round(time.monotonic() - started, 3)},
+            extra={
+                "images": len(copied),
+                "images_asked": asked,
+                "manifest_key": manifest_key,
+                "copy_seconds": round(time.monotonic() - started, 3),
+            },
         )
         self.notify(ended)
         return ended
 
     def notify(self, job: Job) -> None:
-        """Publish the job's end event once (a retry of an ended job publishes what was missed)."""
-        if job.notified or not self.events.enabled:
+        """Publish the ended job's event, if it has not been: only the caller that wins the notification claim does."""
+        if job.notified_at_ms or not self.events.enabled or not job.state.ended:
+            return
+        if not self.jobs.claim_notification(job.job_id):
+            logger.info("the job's event is published (or being published) by another caller")
             return
         self.events.ended(job)
         self.jobs.mark_notified(job.job_id)
 
-    def _copy_image(self, job: Job, index: int, url: str, content_type: str | None, output_format: str | None) -> CopiedImage:
+    # -- copying ----------------------------------------------------------------------
+
+    def _copy_image(self, job: Job, index: int, url: str | httpx.URL, expected: str | None, deadline: float) -> CopiedImage:
         try:
-            if url.startswith("data:"):
+            if isinstance(url, str):  # a data: URI (sync_mode)
                 data = parse_data_uri(url)
-                key = self.layout.image_key(job.output_prefix, index, data.content_type, output_format)
-                self.s3.put_object(Bucket=job.bucket, Key=key, Body=data.data, ContentType=data.content_type)
-                return CopiedImage(key=key, content_type=data.content_type, bytes=len(data.data))
+                kind = _check_kind(index, data.data[:SNIFF_BYTES], expected)
+                key = self.layout.image_key(job.output_prefix, index, extension_of(kind))
+                self.s3.put_object(Bucket=job.bucket, Key=key, Body=data.data, ContentType=kind)
+                return CopiedImage(key=key, content_type=kind, bytes=len(data.data))
             if self.http is None:
                 raise DeliveryFault("no HTTP client to fetch output images with")
-            with self.http.stream("GET", url, timeout=self.media.timeout_seconds, follow_redirects=False) as response:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeliveryFault(f"output image {index}: no time left to fetch it")
+            timeout = httpx.Timeout(min(self.media.timeout_seconds, remaining), connect=min(5.0, remaining))
+            with self.http.stream("GET", url, timeout=timeout, follow_redirects=False) as response:
                 if response.status_code != 200:
                     raise DeliveryFault(f"output image {index}: the media host answered HTTP {response.status_code}")
-                header_type = response.headers.get("content-type", "").split(";")[0].strip() or None
-                kind = content_type or header_type
-                key = self.layout.image_key(job.output_prefix, index, kind, output_format)
-                stored_type = content_type_for(extension(kind, output_format))
-                size = stream_to_s3(
-                    self.s3,
-                    job.bucket,
-                    key,
-                    response.iter_bytes(64 * 1024),
-                    content_type=stored_type,
-                    max_bytes=self.media.max_image_bytes,
-                )
-                return CopiedImage(key=key, content_type=stored_type, bytes=size)
+                chunks = _until(deadline, index, response.iter_bytes(64 * 1024))
+                head, chunks = _peek(chunks, SNIFF_BYTES)
+                kind = _check_kind(index, head, expected)
+                key = self.layout.image_key(job.output_prefix, index, extension_of(kind))
+                size = stream_to_s3(self.s3, job.bucket, key, chunks, content_type=kind, max_bytes=self.media.max_image_bytes)
+                return CopiedImage(key=key, content_type=kind, bytes=size)
+        except (NotAnImage, DeliveryFault):
+            raise
         except (httpx.HTTPError, ClientError, BotoCoreError, TooLarge, ValueError) as exc:
-            raise DeliveryFault(f"output image {index}: {type(exc).__name__}: {exc}") from exc
+            raise DeliveryFault(f"output image {index}: {type(exc).__name__}: {redact(str(exc))}") from exc
+
+    def _remove_outputs(self, job: Job) -> None:
+        """Remove what an earlier holder of this job may have left (images, manifest), before writing ours."""
+        listing = self.s3.list_objects_v2(Bucket=job.bucket, Prefix=job.output_prefix)
+        stale = [item["Key"] for item in listing.get("Contents", []) if item["Key"].rsplit("/", 1)[-1] != "error.json"]
+        for key in stale:
+            self.s3.delete_object(Bucket=job.bucket, Key=key)
+        if stale:
+            logger.info("removed files an earlier holder left", extra={"removed": len(stale)})
+
+
+def _check_kind(index: int, head: bytes, expected: str | None) -> str:
+    kind = sniff_image(head)
+    if kind is None:
+        raise NotAnImage(f"output image {index} is not an image (its first bytes are {head[:8]!r})")
+    if expected and kind != expected:
+        raise NotAnImage(f"output image {index} is {kind}, but {expected} was asked for")
+    return kind
+
+
+def _until(deadline: float, index: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The chunks, stopping with :class:`DeliveryFault` at ``deadline`` (a trickling host must not hold us)."""
+    for chunk in chunks:
+        if time.monotonic() > deadline:
+            raise DeliveryFault(f"output image {index}: still downloading at the deadline")
+        yield chunk
+
+
+def _peek(chunks: Iterator[bytes], size: int) -> tuple[bytes, Iterator[bytes]]:
+    """The first ``size`` bytes of a chunk stream, and the whole stream."""
+    taken: list[bytes] = []
+    have = 0
+    for chunk in chunks:
+        taken.append(chunk)
+        have += len(chunk)
+        if have >= size:
+            break
+    return b"".join(taken)[:size], itertools.chain(taken, chunks)
 
 
 def source_of(job: Job) -> dict[str, Any]:
@@ -247,6 +362,8 @@ def _advice(code: str, retryable: bool) -> str:
         return "Fix the tags named in 'problems' and upload the image again (see the README's tag reference)."
     if code == "unsupported_object":
         return "Upload a JPEG, PNG, WebP or GIF image within the size limit."
+    if code == "unsupported_key":
+        return "Upload the image under a key without '.' or '..' path segments."
     if code == "input_missing":
         return "The input object was deleted before it could be processed; upload it again."
     if retryable:
@@ -255,4 +372,6 @@ def _advice(code: str, retryable: bool) -> str:
         return "fal refused the request; see 'fal.detail'. Fix the input and upload again."
     if code == "fal_error":
         return "fal ran the request and it failed; see 'fal'. Uploading again submits a new, paid request."
+    if code in ("no_images", "not_an_image", "invalid_output", "media_url_refused"):
+        return "fal's answer could not be stored as images; see 'message'. Uploading again submits a new, paid request."
     return "See 'message'."

@@ -1,31 +1,43 @@
-"""The jobs table: one item per upload, the only thing that stops a second paid request.
+"""The jobs table: one item per job, the only thing that stops a second paid request.
 
 States::
 
-    SUBMITTING --(fal accepted)--> SUBMITTED --(webhook / recovery)--> COMPLETED | FAILED
-    SUBMITTING --(bad tags, 4xx, retries exhausted)--> FAILED
-    SUBMITTING --(we may have sent it, no answer)--> UNCERTAIN --> COMPLETED | FAILED
+    SUBMITTING --(sent)--> SENDING --(fal accepted)--> SUBMITTED --(webhook / recovery)--> COMPLETED | FAILED
+         |                    |--(fal certainly does not hold it)--> SUBMITTING (sent again later)
+         |                    |--(fal refused it: 4xx)--> FAILED
+         |                    '--(anything else)--> UNCERTAIN --(webhook / recovery)--> COMPLETED | FAILED
+         '--(bad tags, bad object, retries exhausted before sending)--> FAILED
 
-A worker holds a *lease* (``lease_until_ms``) while it talks to fal. A second
-delivery of the same upload finds the item and does nothing while the lease is
-held; a retry after a transient fault finds the lease released and takes it.
-A lease that expired without being released means its worker died, perhaps
-mid-request, so the job becomes UNCERTAIN instead of being sent again: fal has
-no idempotency key, and we never pay twice for one upload.
+**Every change of state is one conditional write that says whether this caller
+won**; only the winner does what follows (copies files, notifies). A caller
+*holds* a job (``holder`` token, ``held_until_ms``) while it works on it: the
+submit function from creating the job to fal's answer, a finisher (webhook,
+recovery, cancellation) from its claim to the job's end. A hold that lapsed
+means its holder died; another caller may then take it over. SENDING is the
+point of no return: the request may be at fal from then on, so a lapsed hold on
+a SENDING job makes it UNCERTAIN, never SUBMITTING again. Only
+:meth:`JobStore.not_enqueued`, given fal's definite answer, leads back.
 
-Every transition is a conditional write, so two workers can't both win. Each
-write also stamps a fresh ``last_writer`` token: when the SDK retries a write
-whose first attempt landed but whose answer was lost, the retry fails its own
-condition, and the token tells "my write landed" from "someone else's did". While
-a job is open it carries ``open_state``/``open_since``, the keys of the sparse
-``open-jobs`` index the recovery function reads; ending a job removes them.
+Every write also stamps a fresh ``last_writer`` token: when the SDK retries a
+write whose first attempt landed but whose answer was lost, the retry fails its
+own condition, and the token tells "my write landed" from "someone else's did".
+
+Open jobs carry ``open_shard`` (``<STATE>#<n>``) and ``open_order`` (when the
+job was last looked at), the keys of the sparse, sharded ``open-jobs`` index:
+the recovery function reads the least recently checked jobs of each state
+first, and marks each one it checks, so it rotates through any backlog. Ended
+jobs leave the index, except those whose event is still to be published
+(``NOTIFY#<n>``).
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -39,10 +51,15 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 OPEN_JOBS_INDEX = "open-jobs"
+#: Partitions per open state in the index; a job's shard comes from its id.
+OPEN_SHARDS = 8
+NOTIFY = "NOTIFY"
+_NOTE_CHARS = 500
 
 
 class JobState(StrEnum):
     SUBMITTING = "SUBMITTING"
+    SENDING = "SENDING"
     SUBMITTED = "SUBMITTED"
     UNCERTAIN = "UNCERTAIN"
     COMPLETED = "COMPLETED"
@@ -51,6 +68,10 @@ class JobState(StrEnum):
     @property
     def ended(self) -> bool:
         return self in (JobState.COMPLETED, JobState.FAILED)
+
+
+#: States a finisher may claim: fal has (or may have) the request.
+AT_FAL = (JobState.SUBMITTED, JobState.UNCERTAIN)
 
 
 class HistoryEntry(BaseModel):
@@ -76,13 +97,16 @@ class Job(BaseModel):
     created_at: str
     updated_at: str
     attempts: int = 0
-    lease_until_ms: int | None = None
+    holder: str | None = None
+    held_until_ms: int | None = None
     request_id: str | None = None
     gateway_request_id: str | None = None
     status_url: str | None = None
     response_url: str | None = None
     cancel_url: str | None = None
     input_json: str | None = None
+    sent_at_ms: int | None = None
+    uncertain_since_ms: int | None = None
     submitted_at_ms: int | None = None
     ended_at_ms: int | None = None
     output_keys: list[str] = Field(default_factory=list)
@@ -91,7 +115,9 @@ class Job(BaseModel):
     error_code: str | None = None
     error_message: str | None = None
     failure_retryable: bool = False
-    notified: bool = False
+    #: An error record was written for this job at some point (a later success removes it).
+    error_written: bool = False
+    notified_at_ms: int | None = None
     last_writer: str | None = None
     history: list[HistoryEntry] = Field(default_factory=list)
 
@@ -99,9 +125,24 @@ class Job(BaseModel):
     def sent_input(self) -> dict[str, Any] | None:
         return json.loads(self.input_json) if self.input_json else None
 
+    def held_by(self, holder: str) -> bool:
+        return self.holder == holder
+
+    def hold_lapsed(self, at_ms: int | None = None) -> bool:
+        return self.holder is not None and (self.held_until_ms or 0) < (at_ms if at_ms is not None else now_ms())
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A finisher's hold on a job. ``took_over`` when an earlier holder's hold had lapsed (it may have left files)."""
+
+    job: Job
+    holder: str
+    took_over: bool
+
 
 class JobConflict(RuntimeError):
-    """The job was not in the state a transition expects (another worker got there first)."""
+    """The job was not in the state a transition expects (another caller got there first)."""
 
 
 def now_ms() -> int:
@@ -112,8 +153,24 @@ def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def new_holder() -> str:
+    return uuid.uuid4().hex
+
+
+def shard_of(job_id: str) -> int:
+    try:
+        return int(job_id[:4], 16) % OPEN_SHARDS
+    except ValueError:
+        return sum(job_id.encode()) % OPEN_SHARDS
+
+
+def open_shard(state: str, job_id: str) -> str:
+    return f"{state}#{shard_of(job_id)}"
+
+
 class JobStore:
     def __init__(self, table: Table, *, ttl_days: int = 30) -> None:
+        self.table = table
         self._table = table
         self._ttl_seconds = ttl_days * 86400
 
@@ -123,22 +180,33 @@ class JobStore:
         item = self._table.get_item(Key={"job_id": job_id}, ConsistentRead=True).get("Item")
         return Job.model_validate(_plain(item)) if item else None
 
-    def open_jobs(self, state: JobState, opened_before_ms: int, limit: int = 100) -> list[Job]:
-        """Jobs still in ``state`` that entered it before ``opened_before_ms`` (oldest first)."""
-        jobs: list[Job] = []
-        kwargs: dict[str, Any] = {
-            "IndexName": OPEN_JOBS_INDEX,
-            "KeyConditionExpression": Key("open_state").eq(state.value) & Key("open_since").lt(opened_before_ms),
-        }
-        while len(jobs) < limit:
-            page = self._table.query(**kwargs)
-            jobs.extend(Job.model_validate(_plain(item)) for item in page.get("Items", []))
-            if "LastEvaluatedKey" not in page:
-                break
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-        return jobs[:limit]
+    def open_job_ids(self, state: str, *, checked_before_ms: int, limit: int = 100) -> list[str]:
+        """Ids of jobs in ``state`` (or ``NOTIFY``) least recently checked first, all last checked before ``checked_before_ms``."""
+        heads: list[list[tuple[int, str]]] = []
+        for shard in range(OPEN_SHARDS):
+            page = self._table.query(
+                IndexName=OPEN_JOBS_INDEX,
+                KeyConditionExpression=Key("open_shard").eq(f"{state}#{shard}") & Key("open_order").lt(checked_before_ms),
+                Limit=limit,
+            )
+            heads.append([(int(item["open_order"]), str(item["job_id"])) for item in page.get("Items", [])])  # type: ignore[arg-type]
+        return [job_id for _, job_id in heapq.merge(*heads)][:limit]
 
-    # -- submit side -----------------------------------------------------------
+    def touch(self, job: Job) -> None:
+        """Mark an open job as just checked, so the next recovery run looks at others first."""
+        shard = open_shard(NOTIFY if job.state.ended else job.state.value, job.job_id)
+        try:
+            self._table.update_item(
+                Key={"job_id": job.job_id},
+                UpdateExpression="SET open_order = :now",
+                ConditionExpression="open_shard = :shard",
+                ExpressionAttributeValues={":now": now_ms(), ":shard": shard},
+            )
+        except ClientError as exc:
+            if not _conditional_failure(exc):
+                raise
+
+    # -- the submit side ----------------------------------------------------------
 
     def create(
         self,
@@ -151,11 +219,12 @@ class JobStore:
         sequencer: str | None,
         event_time: str | None,
         output_prefix: str,
-        lease_ms: int,
+        holder: str,
+        hold_ms: int,
     ) -> Job | None:
-        """Create the job, leased to the caller; ``None`` when it already exists."""
+        """Create the job, held by ``holder``; ``None`` when it already exists."""
         at = now_ms()
-        writer = uuid.uuid4().hex
+        writer = new_holder()
         item: dict[str, Any] = {
             "job_id": job_id,
             "last_writer": writer,
@@ -166,9 +235,10 @@ class JobStore:
             "created_at": iso(at),
             "updated_at": iso(at),
             "attempts": 1,
-            "lease_until_ms": at + lease_ms,
-            "open_state": JobState.SUBMITTING.value,
-            "open_since": at,
+            "holder": holder,
+            "held_until_ms": at + hold_ms,
+            "open_shard": open_shard(JobState.SUBMITTING.value, job_id),
+            "open_order": at,
             "expires_at": at // 1000 + self._ttl_seconds,
             "history": [{"state": JobState.SUBMITTING.value, "at": iso(at), "note": "upload seen"}],
         }
@@ -183,161 +253,287 @@ class JobStore:
             raise
         return Job.model_validate(item)
 
-    def claim(self, job_id: str, *, lease_ms: int) -> Job | None:
-        """Take the lease of a job whose last worker released it, or that failed retryably."""
+    def take_over(self, job_id: str, *, holder: str, hold_ms: int) -> Job | None:
+        """Hold a job nothing was sent for: released, failed retryably, or whose holder died before sending."""
         at = now_ms()
         return self._transition(
             job_id,
             JobState.SUBMITTING,
-            note="retrying submit",
-            condition="(#state = :submitting AND attribute_not_exists(lease_until_ms)) OR (#state = :failed AND failure_retryable = :true)",
-            values={
-                ":submitting": "SUBMITTING",
-                ":failed": "FAILED",
-                ":true": True,
-                ":lease": at + lease_ms,
-                ":open": "SUBMITTING",
-                ":since": at,
-            },
-            sets="lease_until_ms = :lease, attempts = attempts + :one, open_state = :open, open_since = :since",
+            note="taken up again",
+            condition=(
+                "(#state = :submitting AND (attribute_not_exists(holder) OR held_until_ms < :at))"
+                " OR (#state = :failed AND failure_retryable = :true)"
+            ),
+            values={":submitting": "SUBMITTING", ":failed": "FAILED", ":true": True, ":holder": holder, ":until": at + hold_ms, ":at": at},
+            sets="holder = :holder, held_until_ms = :until, attempts = attempts + :one",
             removes=("failure_retryable", "error_code", "error_message", "error_key", "ended_at_ms"),
             extra_values={":one": 1},
             at=at,
         )
 
-    def release(self, job_id: str, lease_until_ms: int, *, reason: str) -> None:
-        """Give the lease back after a fault that certainly did not reach fal."""
-        self._transition(
+    def release(self, job_id: str, holder: str, *, reason: str) -> Job | None:
+        """Give a job back before anything was sent: the next delivery takes it up."""
+        return self._transition(
             job_id,
             JobState.SUBMITTING,
             note=f"will retry: {reason}",
-            condition="#state = :submitting AND lease_until_ms = :lease",
-            values={":submitting": "SUBMITTING", ":lease": lease_until_ms, ":reason": reason[:1000]},
+            condition="#state = :submitting AND holder = :holder",
+            values={":submitting": "SUBMITTING", ":holder": holder, ":reason": reason[:1000]},
             sets="error_message = :reason",
-            removes=("lease_until_ms",),
+            removes=("holder", "held_until_ms"),
         )
 
-    def mark_uncertain(self, job_id: str, lease_until_ms: int, *, reason: str) -> Job | None:
-        at = now_ms()
-        return self._transition(
-            job_id,
-            JobState.UNCERTAIN,
-            note=reason,
-            condition="#state = :submitting AND lease_until_ms = :lease",
-            values={":submitting": "SUBMITTING", ":lease": lease_until_ms, ":open": "UNCERTAIN", ":since": at, ":reason": reason[:1000]},
-            sets="open_state = :open, open_since = :since, error_message = :reason",
-            removes=("lease_until_ms",),
-            at=at,
-        )
-
-    def mark_submitted(
-        self,
-        job_id: str,
-        *,
-        request_id: str,
-        gateway_request_id: str | None,
-        status_url: str,
-        response_url: str,
-        cancel_url: str,
-        input_json: str,
-    ) -> Job:
+    def begin_send(self, job_id: str, holder: str, *, input_json: str) -> Job:
+        """The point of no return: from here the request may be at fal. Raises :class:`JobConflict` if not held."""
         at = now_ms()
         job = self._transition(
             job_id,
-            JobState.SUBMITTED,
-            note=f"fal request {request_id}",
-            # A worker whose lease lapsed mid-request may find its job UNCERTAIN: the
-            # request id it now holds is the truth, so it is recorded all the same.
-            condition="#state IN (:submitting, :uncertain) AND attribute_not_exists(request_id)",
-            values={
-                ":submitting": "SUBMITTING",
-                ":uncertain": "UNCERTAIN",
-                ":rid": request_id,
-                ":gid": gateway_request_id or request_id,
-                ":status": status_url,
-                ":response": response_url,
-                ":cancel": cancel_url,
-                ":input": input_json,
-                ":at": at,
-                ":open": "SUBMITTED",
-            },
-            sets=(
-                "request_id = :rid, gateway_request_id = :gid, status_url = :status, response_url = :response, "
-                "cancel_url = :cancel, input_json = :input, submitted_at_ms = :at, open_state = :open, open_since = :at"
-            ),
-            removes=("lease_until_ms", "error_message"),
+            JobState.SENDING,
+            note="sending to fal",
+            condition="#state = :submitting AND holder = :holder",
+            values={":submitting": "SUBMITTING", ":holder": holder, ":input": input_json, ":at": at},
+            sets="input_json = :input, sent_at_ms = :at",
             at=at,
             strict=True,
         )
         assert job is not None
         return job
 
+    def not_enqueued(self, job_id: str, holder: str, *, reason: str) -> Job | None:
+        """fal answered that it does not hold the request: back to SUBMITTING, released."""
+        return self._transition(
+            job_id,
+            JobState.SUBMITTING,
+            note=f"fal did not take it; will retry: {reason}",
+            condition="#state = :sending AND holder = :holder",
+            values={":sending": "SENDING", ":holder": holder, ":reason": reason[:1000]},
+            sets="error_message = :reason",
+            removes=("holder", "held_until_ms", "sent_at_ms"),
+        )
+
+    def mark_submitted(
+        self,
+        job_id: str,
+        holder: str,
+        *,
+        request_id: str,
+        gateway_request_id: str | None,
+        status_url: str,
+        response_url: str,
+        cancel_url: str,
+    ) -> Job | None:
+        """fal accepted it. ``None`` when the job had moved on (its webhook got there first)."""
+        at = now_ms()
+        return self._transition(
+            job_id,
+            JobState.SUBMITTED,
+            note=f"fal request {request_id}",
+            # A sender whose hold lapsed mid-request may find its job UNCERTAIN: the
+            # request id it now holds is the truth, so it is recorded all the same.
+            condition="(#state = :sending AND holder = :holder) OR (#state = :uncertain AND attribute_not_exists(request_id))",
+            values={
+                ":sending": "SENDING",
+                ":uncertain": "UNCERTAIN",
+                ":holder": holder,
+                ":rid": request_id,
+                ":gid": gateway_request_id or request_id,
+                ":status": status_url,
+                ":response": response_url,
+                ":cancel": cancel_url,
+                ":at": at,
+            },
+            sets=(
+                "request_id = :rid, gateway_request_id = :gid, status_url = :status, response_url = :response, "
+                "cancel_url = :cancel, submitted_at_ms = :at"
+            ),
+            removes=("holder", "held_until_ms", "error_message"),
+            at=at,
+        )
+
+    def mark_uncertain(
+        self,
+        job_id: str,
+        *,
+        reason: str,
+        holder: str | None = None,
+        request_id: str | None = None,
+        urls: tuple[str, str, str] | None = None,
+    ) -> Job | None:
+        """The request may be at fal. By its sender (``holder``), or by anyone once a SENDING hold has lapsed."""
+        at = now_ms()
+        values: dict[str, Any] = {":sending": "SENDING", ":reason": reason[:1000], ":at": at}
+        if holder is not None:
+            condition = "#state = :sending AND holder = :holder"
+            values[":holder"] = holder
+        else:
+            condition = "#state = :sending AND held_until_ms < :at"
+        sets = "error_message = :reason, uncertain_since_ms = :at"
+        if request_id:
+            sets += ", request_id = :rid, submitted_at_ms = :at"
+            values[":rid"] = request_id
+            if urls:
+                sets += ", status_url = :status, response_url = :response, cancel_url = :cancel"
+                values.update({":status": urls[0], ":response": urls[1], ":cancel": urls[2]})
+        return self._transition(
+            job_id,
+            JobState.UNCERTAIN,
+            note=reason,
+            condition=condition,
+            values=values,
+            sets=sets,
+            removes=("holder", "held_until_ms"),
+            at=at,
+        )
+
     def adopt_request(self, job_id: str, request_id: str) -> Job | None:
-        """An UNCERTAIN job's webhook arrived: fal did accept it, under this request id."""
+        """An UNCERTAIN job's signed webhook arrived: fal did accept it, under this request id."""
         at = now_ms()
         return self._transition(
             job_id,
             JobState.SUBMITTED,
             note=f"fal request {request_id} (learned from its webhook)",
             condition="#state = :uncertain AND attribute_not_exists(request_id)",
-            values={":uncertain": "UNCERTAIN", ":rid": request_id, ":open": "SUBMITTED", ":at": at},
-            sets="request_id = :rid, open_state = :open, open_since = :at, submitted_at_ms = :at",
+            values={":uncertain": "UNCERTAIN", ":rid": request_id, ":at": at},
+            sets="request_id = :rid, submitted_at_ms = :at",
             removes=("error_message",),
             at=at,
         )
 
-    # -- endings ---------------------------------------------------------------
+    # -- finishing -------------------------------------------------------------------
 
-    def complete(self, job_id: str, *, output_keys: list[str], manifest_key: str) -> Job | None:
-        """End a job with its outputs; ``None`` when it had already ended."""
+    def claim(self, job_id: str, holder: str, *, hold_ms: int, states: Iterable[JobState] = AT_FAL) -> Claim | None:
+        """Hold a job to finish it. ``None`` when it ended, is in another state, or someone holds it."""
         at = now_ms()
-        return self._transition(
+        names = {f":s{i}": s.value for i, s in enumerate(states)}
+        writer = new_holder()
+        try:
+            old = self._table.update_item(
+                Key={"job_id": job_id},
+                UpdateExpression="SET holder = :holder, held_until_ms = :until, last_writer = :writer",
+                ConditionExpression=(
+                    f"attribute_exists(job_id) AND #state IN ({', '.join(names)}) AND (attribute_not_exists(holder) OR held_until_ms < :at)"
+                ),
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues={**names, ":holder": holder, ":until": at + hold_ms, ":writer": writer, ":at": at},
+                ReturnValues="ALL_OLD",
+            )["Attributes"]
+        except ClientError as exc:
+            if not _conditional_failure(exc):
+                raise
+            mine = self._if_mine(job_id, writer)
+            return Claim(mine, holder, took_over=False) if mine is not None else None
+        job = Job.model_validate({**_plain(old), "holder": holder, "held_until_ms": at + hold_ms, "last_writer": writer})
+        return Claim(job, holder, took_over=old.get("holder") is not None)
+
+    def unclaim(self, job_id: str, holder: str) -> None:
+        """Let go of a job without changing its state (a cancel fal refused)."""
+        try:
+            self._table.update_item(
+                Key={"job_id": job_id},
+                UpdateExpression="REMOVE holder, held_until_ms",
+                ConditionExpression="holder = :holder",
+                ExpressionAttributeValues={":holder": holder},
+            )
+        except ClientError as exc:
+            if not _conditional_failure(exc):
+                raise
+
+    def complete(self, job_id: str, holder: str, *, output_keys: list[str], manifest_key: str, note: str, notify: bool) -> Job | None:
+        """End a held job with its outputs; ``None`` when the hold was lost."""
+        at = now_ms()
+        return self._end(
             job_id,
             JobState.COMPLETED,
-            note=f"{len(output_keys)} image(s) written",
-            condition="#state IN (:submitted, :uncertain)",
-            values={":submitted": "SUBMITTED", ":uncertain": "UNCERTAIN", ":keys": output_keys, ":manifest": manifest_key, ":at": at},
+            holder,
+            note=note,
+            notify=notify,
+            values={":keys": output_keys, ":manifest": manifest_key, ":at": at},
             sets="output_keys = :keys, manifest_key = :manifest, ended_at_ms = :at",
-            removes=("open_state", "open_since", "lease_until_ms", "error_code", "error_message", "error_key"),
+            removes=("error_code", "error_message", "error_key"),
             at=at,
         )
 
     def fail(
-        self,
-        job_id: str,
-        *,
-        code: str,
-        message: str,
-        error_key: str,
-        retryable: bool = False,
-        from_states: tuple[JobState, ...] = (JobState.SUBMITTING, JobState.SUBMITTED, JobState.UNCERTAIN),
+        self, job_id: str, holder: str, *, code: str, message: str, error_key: str, retryable: bool = False, notify: bool = True
     ) -> Job | None:
-        """End a job as failed; ``None`` when it was not in one of ``from_states``.
+        """End a held job as failed; ``None`` when the hold was lost.
 
-        ``retryable`` marks failures that never reached fal (retries exhausted), so a
-        message redriven from the DLQ may take the job up again.
+        ``retryable`` marks failures where nothing reached fal, so a message redriven
+        from the DLQ may take the job up again.
         """
         at = now_ms()
-        names = {f":from{i}": s.value for i, s in enumerate(from_states)}
-        return self._transition(
+        return self._end(
             job_id,
             JobState.FAILED,
-            note=f"{code}: {message}"[:1000],
-            condition=f"#state IN ({', '.join(names)})",
-            values={**names, ":code": code, ":msg": message[:4000], ":ekey": error_key, ":retry": retryable, ":at": at},
-            sets="error_code = :code, error_message = :msg, error_key = :ekey, failure_retryable = :retry, ended_at_ms = :at",
-            removes=("open_state", "open_since", "lease_until_ms"),
+            holder,
+            note=f"{code}: {message}",
+            notify=notify,
+            values={":code": code, ":msg": message[:4000], ":ekey": error_key, ":retry": retryable, ":at": at, ":true": True},
+            sets="error_code = :code, error_message = :msg, error_key = :ekey, failure_retryable = :retry, ended_at_ms = :at, "
+            "error_written = :true",
             at=at,
         )
+
+    def claim_notification(self, job_id: str, *, hold_ms: int = 30_000) -> bool:
+        """Win the right to publish an ended job's event: one caller at a time, until it is published."""
+        at = now_ms()
+        try:
+            self._table.update_item(
+                Key={"job_id": job_id},
+                UpdateExpression="SET notify_until_ms = :until",
+                ConditionExpression=(
+                    "attribute_exists(job_id) AND #state IN (:completed, :failed) AND attribute_not_exists(notified_at_ms) "
+                    "AND (attribute_not_exists(notify_until_ms) OR notify_until_ms < :at)"
+                ),
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues={":completed": "COMPLETED", ":failed": "FAILED", ":until": at + hold_ms, ":at": at},
+            )
+        except ClientError as exc:
+            if _conditional_failure(exc):
+                return False
+            raise
+        return True
 
     def mark_notified(self, job_id: str) -> None:
         self._table.update_item(
             Key={"job_id": job_id},
-            UpdateExpression="SET notified = :true",
-            ExpressionAttributeValues={":true": True},
+            UpdateExpression="SET notified_at_ms = :at REMOVE notify_until_ms, open_shard, open_order",
+            ExpressionAttributeValues={":at": now_ms()},
         )
 
     # -- plumbing ----------------------------------------------------------------
+
+    def _end(
+        self,
+        job_id: str,
+        state: JobState,
+        holder: str,
+        *,
+        note: str,
+        notify: bool,
+        values: dict[str, Any],
+        sets: str,
+        at: int,
+        removes: tuple[str, ...] = (),
+    ) -> Job | None:
+        values = {**values, ":holder": holder}
+        if notify:
+            sets += ", open_shard = :nshard, open_order = :at"
+            values[":nshard"] = open_shard(NOTIFY, job_id)
+            index_removes: tuple[str, ...] = ()
+        else:
+            index_removes = ("open_shard", "open_order")
+        return self._transition(
+            job_id,
+            state,
+            note=note,
+            condition="holder = :holder AND NOT #state IN (:done, :failed_state)",
+            values={**values, ":done": "COMPLETED", ":failed_state": "FAILED"},
+            sets=sets,
+            removes=("holder", "held_until_ms", *removes, *index_removes),
+            at=at,
+            open_index=False,
+        )
 
     def _if_mine(self, job_id: str, writer: str) -> Job | None:
         """After a failed condition: the job, if the write that changed it was ours (a retried write)."""
@@ -357,14 +553,19 @@ class JobStore:
         extra_values: dict[str, Any] | None = None,
         at: int | None = None,
         strict: bool = False,
+        open_index: bool = True,
     ) -> Job | None:
         at = at or now_ms()
-        writer = uuid.uuid4().hex
-        entry = {"state": state.value, "at": iso(at), "note": note[:1000]}
+        writer = new_holder()
+        entry = {"state": state.value, "at": iso(at), "note": note[:_NOTE_CHARS]}
         expression = (
             "SET #state = :new_state, updated_at = :updated, last_writer = :writer, "
             "history = list_append(if_not_exists(history, :empty), :entry)"
         )
+        index_values: dict[str, Any] = {}
+        if open_index:
+            expression += ", open_shard = :shard, open_order = :order"
+            index_values = {":shard": open_shard(state.value, job_id), ":order": at}
         if sets:
             expression += ", " + sets
         if removes:
@@ -381,6 +582,7 @@ class JobStore:
                     ":writer": writer,
                     ":empty": [],
                     ":entry": [entry],
+                    **index_values,
                     **values,
                     **(extra_values or {}),
                 },

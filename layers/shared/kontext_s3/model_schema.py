@@ -2,7 +2,10 @@
 
 Source: ``fal-ai/flux-pro/kontext/max`` API page (see ``../shared/reference``).
 Every field, default, range and enum here is copied from that page; nothing is
-tightened or loosened, so a value we accept is a value fal accepts.
+loosened, so a value we accept is a value fal accepts. One bound is ours: the
+page gives ``prompt`` no maximum, and we cap it at ``MAX_PROMPT_CHARS`` so that
+a job record stays small and a runaway prompt is refused before it is paid for
+(the model's text encoder reads far fewer tokens than that).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ENDPOINT_ID = "fal-ai/flux-pro/kontext/max"
+MAX_PROMPT_CHARS = 4000
 
 
 class OutputFormat(StrEnum):
@@ -48,7 +52,7 @@ class KontextMaxInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_enum_values=True)
 
-    prompt: str = Field(description="The prompt to generate an image from.")
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS, description="The prompt to generate an image from.")
     seed: int | None = Field(default=None, description="Same seed and prompt give the same image.")
     guidance_scale: float = Field(default=3.5, ge=1, le=20, description="CFG scale.")
     sync_mode: bool = Field(default=False, description="Return media as data URIs.")
@@ -113,6 +117,8 @@ def allowed_values(field: str) -> str:
         return "true or false"
     if "integer" in kinds:
         return "an integer"
+    if "maxLength" in prop:
+        return f"text of at most {prop['maxLength']} characters"
     return "text"
 
 

@@ -11,6 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from kontext_s3.jobs import Job, JobState
+from kontext_s3.redact import redact
 
 if TYPE_CHECKING:
     from mypy_boto3_events import EventBridgeClient
@@ -39,7 +40,7 @@ def event_detail(job: Job) -> dict[str, Any]:
         detail.update(output_keys=job.output_keys, manifest_key=job.manifest_key)
     else:
         detail.update(error_key=job.error_key, error_code=job.error_code, error_message=job.error_message)
-    return detail
+    return dict(redact(detail))
 
 
 class JobEvents:

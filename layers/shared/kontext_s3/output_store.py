@@ -42,6 +42,9 @@ class OutputLayout:
 
     def job_prefix(self, key: str, job_id: str) -> str:
         relative = key[len(self.input_prefix) :] if key.startswith(self.input_prefix) else key
+        if has_dot_segments(relative):
+            # Such keys are refused; their error record must not land outside the output prefix's tree.
+            return f"{self.output_prefix}_unsupported-keys/{job_id}/"
         prefix = f"{self.output_prefix}{relative}/{job_id}/"
         # S3 keys stop at 1,024 bytes; a very long input key keeps its results by job id alone.
         if len(prefix.encode("utf-8")) + 32 > _MAX_KEY_BYTES:
@@ -49,8 +52,8 @@ class OutputLayout:
         return prefix
 
     @staticmethod
-    def image_key(job_prefix: str, index: int, content_type: str | None, output_format: str | None) -> str:
-        return f"{job_prefix}image-{index}.{extension(content_type, output_format)}"
+    def image_key(job_prefix: str, index: int, ext: str) -> str:
+        return f"{job_prefix}image-{index}.{ext}"
 
     @staticmethod
     def manifest_key(job_prefix: str) -> str:
@@ -61,14 +64,13 @@ class OutputLayout:
         return job_prefix + ERROR_NAME
 
 
-def extension(content_type: str | None, output_format: str | None) -> str:
-    if content_type and content_type.split(";")[0].strip().lower() in _EXTENSIONS:
-        return _EXTENSIONS[content_type.split(";")[0].strip().lower()]
-    return "png" if output_format == "png" else "jpg"
+def has_dot_segments(key: str) -> bool:
+    """True when a ``.`` or ``..`` path segment is in ``key``: HTTP clients and servers normalise them away."""
+    return any(segment in (".", "..") for segment in key.split("/"))
 
 
-def content_type_for(ext: str) -> str:
-    return {v: k for k, v in _EXTENSIONS.items()}.get(ext, "application/octet-stream")
+def extension_of(content_type: str) -> str:
+    return _EXTENSIONS.get(content_type.split(";", maxsplit=1)[0].strip().lower(), "bin")
 
 
 def write_json(s3: S3Client, bucket: str, key: str, document: dict[str, Any]) -> None:

@@ -1,35 +1,50 @@
 """Finishing jobs whose webhook never came, and cancelling jobs whose input was deleted.
 
-The recovery function runs on a schedule. For each open job it asks the one
-who knows, fal, through the URLs fal returned at submit:
+The recovery function runs on a schedule. It reads open jobs from the
+``open-jobs`` index, least recently checked first, marks each one checked, and
+asks the one who knows, fal, through the URLs fal returned (bounded
+concurrency, and never past its deadline). So a backlog of long-running jobs
+cannot starve the others: each run looks at different ones.
 
-* SUBMITTED for longer than ``RECOVERY_AFTER_SECONDS``: fal's status. A
-  completed request is finished exactly as its webhook would have finished it
-  (the same :class:`JobFinisher`); a failed one gets its error record; one
-  still queued or running past ``JOB_MAX_AGE_SECONDS`` is cancelled and failed.
-* UNCERTAIN past ``JOB_MAX_AGE_SECONDS``: there is no request id to ask about,
-  and fal's own webhook retries (10 over 2 hours) would have told us by now if
-  it had run, so the job fails with that explanation.
-* SUBMITTING past ``JOB_MAX_AGE_SECONDS``: its message is gone (a redrive would
-  have resumed it), so it fails retryably with that explanation.
+* SUBMITTED (and UNCERTAIN with a request id) not heard of for
+  ``RECOVERY_AFTER_SECONDS``: fal's status. A completed request is finished
+  exactly as its webhook would have finished it (the same
+  :class:`JobFinisher`, after claiming the job); a failed one gets its error
+  record; one still queued or running past ``JOB_MAX_AGE_SECONDS`` is
+  cancelled and failed; one fal no longer knows is failed past the max age.
+* SENDING whose sender's hold lapsed: its sender died mid-request, so it
+  becomes UNCERTAIN (never sent again).
+* UNCERTAIN with no request id past ``JOB_MAX_AGE_SECONDS``: fal's own webhook
+  retries would have told us by now if it had run, so it fails with that
+  explanation.
+* SUBMITTING past ``JOB_MAX_AGE_SECONDS`` and not held: its message is gone
+  (a redrive would have resumed it), so it fails retryably.
+* Ended jobs whose event was never published: published now.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from kontext_s3.completion import DeliveryFault, JobFinisher
-from kontext_s3.fal_queue import FalError, FalQueueClient
+from kontext_s3.fal_queue import FalError, FalQueueClient, FalRejected
 from kontext_s3.job_id import derive_job_id
-from kontext_s3.jobs import Job, JobState, JobStore, now_ms
+from kontext_s3.jobs import AT_FAL, NOTIFY, Job, JobState, JobStore, now_ms
 from kontext_s3.log import logger
+from kontext_s3.notifications import NotificationError
+from kontext_s3.redact import redact
 from kontext_s3.s3_events import ObjectChange
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+#: How often a SENDING job is looked at for a lapsed hold, and an unpublished event retried.
+_SHORT_CHECK_MS = 60_000
 
 
 @dataclass
@@ -37,82 +52,154 @@ class RecoveryReport:
     checked: int = 0
     completed: int = 0
     failed: int = 0
+    uncertain: int = 0
+    notified: int = 0
     still_running: int = 0
     errors: list[str] = field(default_factory=list)
 
 
 class Recovery:
     def __init__(
-        self, *, jobs: JobStore, fal: FalQueueClient, finisher: JobFinisher, recovery_after_seconds: int, job_max_age_seconds: int
+        self,
+        *,
+        jobs: JobStore,
+        fal: FalQueueClient,
+        finisher: JobFinisher,
+        recovery_after_seconds: int,
+        job_max_age_seconds: int,
+        parallel: int = 8,
     ) -> None:
         self._jobs = jobs
         self._fal = fal
         self._finisher = finisher
         self._after_ms = recovery_after_seconds * 1000
         self._max_age_ms = job_max_age_seconds * 1000
+        self._parallel = parallel
 
     def run(self, *, deadline: float, limit: int = 200) -> RecoveryReport:
         report = RecoveryReport()
         now = now_ms()
-        work: list[tuple[Job, Callable[[Job, float], str]]] = [
-            *((job, self._recover_submitted) for job in self._jobs.open_jobs(JobState.SUBMITTED, now - self._after_ms, limit)),
-            *((job, self._expire_uncertain) for job in self._jobs.open_jobs(JobState.UNCERTAIN, now - self._max_age_ms, limit)),
-            *((job, self._expire_submitting) for job in self._jobs.open_jobs(JobState.SUBMITTING, now - self._max_age_ms, limit)),
+        plan: list[tuple[str, int, Callable[[Job, float], str]]] = [
+            (JobState.SUBMITTED.value, now - self._after_ms, self._check_at_fal),
+            (JobState.UNCERTAIN.value, now - self._after_ms, self._check_uncertain),
+            (JobState.SENDING.value, now - _SHORT_CHECK_MS, self._check_sending),
+            (JobState.SUBMITTING.value, now - self._after_ms, self._check_submitting),
+            (NOTIFY, now - _SHORT_CHECK_MS, self._publish_missed_event),
         ]
-        for job, action in work:
-            if time.monotonic() > deadline:
-                logger.info("recovery stopped for lack of time; the next run continues", extra={"left": len(work) - report.checked})
-                break
-            report.checked += 1
-            logger.thread_safe_append_keys(job_id=job.job_id, object_key=job.key)
-            try:
-                outcome = action(job, deadline)
-            except (FalError, DeliveryFault) as exc:
-                report.errors.append(f"{job.job_id}: {exc}")
-                logger.warning("recovery could not finish the job this time", extra={"reason": str(exc)})
+        work = [
+            (job_id, action)
+            for state, before, action in plan
+            for job_id in self._jobs.open_job_ids(state, checked_before_ms=before, limit=limit)
+        ]
+        with ThreadPoolExecutor(max_workers=self._parallel, thread_name_prefix="recover") as pool:
+            outcomes = list(pool.map(lambda item: self._one(item[0], item[1], deadline), work))
+        for outcome in outcomes:
+            if outcome == "skipped":
                 continue
-            finally:
-                logger.thread_safe_remove_keys(["job_id", "object_key"])
-            if outcome == "completed":
-                report.completed += 1
-            elif outcome == "failed":
-                report.failed += 1
+            report.checked += 1
+            if outcome.startswith("error:"):
+                report.errors.append(outcome[6:])
+            elif outcome in ("completed", "failed", "uncertain", "notified"):
+                setattr(report, outcome, getattr(report, outcome) + 1)
             else:
                 report.still_running += 1
+        skipped = outcomes.count("skipped")
+        if skipped:
+            logger.info("recovery stopped for lack of time; the next run continues", extra={"left": skipped})
         return report
 
-    def _recover_submitted(self, job: Job, deadline: float) -> str:
-        assert job.status_url and job.response_url
-        status = self._fal.status(job.status_url, deadline=deadline)
+    def _one(self, job_id: str, action: Callable[[Job, float], str], deadline: float) -> str:
+        if time.monotonic() > deadline:
+            return "skipped"
+        logger.thread_safe_append_keys(job_id=job_id)
+        try:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return "gone"
+            logger.thread_safe_append_keys(object_key=job.key)
+            self._jobs.touch(job)  # checked now, whatever comes of it: the next run starts with others
+            return action(job, deadline)
+        except (FalError, DeliveryFault, NotificationError) as exc:
+            logger.warning("recovery could not finish the job this time", extra={"reason": redact(str(exc))})
+            return f"error:{job_id}: {redact(str(exc))}"
+        except Exception as exc:
+            logger.exception("recovery failed on a job", extra={"reason": redact(str(exc))})
+            return f"error:{job_id}: {type(exc).__name__}"
+        finally:
+            logger.thread_safe_remove_keys(["job_id", "object_key"])
+
+    def _too_old(self, job: Job) -> bool:
+        started = job.submitted_at_ms or job.sent_at_ms or _ms(job.created_at)
+        return now_ms() - started > self._max_age_ms
+
+    def _check_at_fal(self, job: Job, deadline: float) -> str:
+        if job.state not in AT_FAL or not job.status_url or not job.response_url:
+            return "running"
+        try:
+            status = self._fal.status(job.status_url, deadline=deadline)
+        except FalRejected as exc:
+            if not self._too_old(job):
+                raise
+            return self._end_failed(
+                job,
+                deadline,
+                code="timed_out",
+                message=f"fal could not report on the request after {self._max_age_ms // 1000} s: {exc}",
+            )
         state = status.get("status")
         if state == "COMPLETED" and not status.get("error"):
-            output = self._fal.result(job.response_url, deadline=deadline)
-            ended = self._finisher.succeed(job, output)
+            claim = self._finisher.claim(job.job_id, deadline=deadline)
+            if claim is None:
+                return "ended-elsewhere"
+            try:
+                output = self._fal.result(job.response_url, deadline=deadline)
+            except FalError:
+                self._finisher.let_go(claim)
+                raise
+            ended = self._finisher.succeed(claim, output, deadline=deadline)
             logger.info("job recovered after its webhook was lost")
             return _outcome(ended)
         if state == "COMPLETED":
             detail = self._result_detail(job, deadline)
-            ended = self._finisher.fail(
+            return self._end_failed(
                 job,
-                stage="fal",
+                deadline,
                 code="fal_error",
                 message=str(status.get("error")),
                 fal={"request_id": job.request_id, "error": status.get("error"), "error_type": status.get("error_type"), "detail": detail},
             )
-            return _outcome(ended)
-        if now_ms() - (job.submitted_at_ms or 0) > self._max_age_ms:
-            assert job.cancel_url
-            cancelled = self._fal.cancel(job.cancel_url, deadline=deadline)
+        if self._too_old(job):
+            claim = self._finisher.claim(job.job_id, deadline=deadline)
+            if claim is None:
+                return "ended-elsewhere"
+            cancelled = bool(job.cancel_url) and self._fal.cancel(str(job.cancel_url), deadline=deadline)
             ended = self._finisher.fail(
-                job,
+                claim.job,
+                claim.holder,
                 stage="fal",
                 code="timed_out",
                 message=f"fal had not finished the request after {self._max_age_ms // 1000} s (it was {state}); "
                 + ("it was cancelled" if cancelled else "fal would not cancel it, so it may still run and be paid for"),
                 fal={"request_id": job.request_id, "status": state},
+                took_over=claim.took_over,
             )
             return _outcome(ended)
         return "running"
+
+    def _end_failed(self, job: Job, deadline: float, *, code: str, message: str, fal: dict[str, object] | None = None) -> str:
+        claim = self._finisher.claim(job.job_id, deadline=deadline)
+        if claim is None:
+            return "ended-elsewhere"
+        ended = self._finisher.fail(
+            claim.job,
+            claim.holder,
+            stage="fal",
+            code=code,
+            message=message,
+            fal=fal or {"request_id": job.request_id},
+            took_over=claim.took_over,
+        )
+        return _outcome(ended)
 
     def _result_detail(self, job: Job, deadline: float) -> object:
         """fal's detail for a failed request, if it gives it quickly: the failure is recorded either way."""
@@ -122,31 +209,57 @@ class Recovery:
         except FalError as exc:
             return exc.detail
 
-    def _expire_uncertain(self, job: Job, deadline: float) -> str:
+    def _check_uncertain(self, job: Job, deadline: float) -> str:
+        if job.request_id and job.status_url:
+            return self._check_at_fal(job, deadline)
+        if not self._too_old(job):
+            return "running"
+        claim = self._finisher.claim(job.job_id, deadline=deadline, states=(JobState.UNCERTAIN,))
+        if claim is None:
+            return "ended-elsewhere"
         ended = self._finisher.fail(
-            job,
+            claim.job,
+            claim.holder,
             stage="submit",
             code="submit_uncertain",
             message=(
-                "fal did not answer the submit, and no webhook came for it within "
+                "fal did not answer the submit clearly, and no webhook came for it within "
                 f"{self._max_age_ms // 1000} s; it was not sent again so as not to pay twice. Upload again to retry."
             ),
-            from_states=(JobState.UNCERTAIN,),
+            took_over=claim.took_over,
         )
         return _outcome(ended)
 
-    def _expire_submitting(self, job: Job, deadline: float) -> str:
-        if job.lease_until_ms and job.lease_until_ms > now_ms():
+    def _check_sending(self, job: Job, deadline: float) -> str:
+        if job.state is not JobState.SENDING or not job.hold_lapsed():
             return "running"
+        marked = self._jobs.mark_uncertain(job.job_id, reason="the worker sending it stopped mid-way; not resent, to never pay twice")
+        if marked is None:
+            return "ended-elsewhere"
+        logger.error("a sender died mid-request: job is UNCERTAIN")
+        return "uncertain"
+
+    def _check_submitting(self, job: Job, deadline: float) -> str:
+        if job.state is not JobState.SUBMITTING or not self._too_old(job) or (job.holder is not None and not job.hold_lapsed()):
+            return "running"
+        claim = self._finisher.claim(job.job_id, deadline=deadline, states=(JobState.SUBMITTING,))
+        if claim is None:
+            return "ended-elsewhere"
         ended = self._finisher.fail(
-            job,
+            claim.job,
+            claim.holder,
             stage="submit",
             code="submit_stalled",
             message=f"the upload's event was not processed to the end within {self._max_age_ms // 1000} s and is no longer queued",
             retryable=True,
-            from_states=(JobState.SUBMITTING,),
         )
         return _outcome(ended)
+
+    def _publish_missed_event(self, job: Job, deadline: float) -> str:
+        if not job.state.ended or job.notified_at_ms:
+            return "running"
+        self._finisher.notify(job)
+        return "notified"
 
 
 class Cancellation:
@@ -163,18 +276,23 @@ class Cancellation:
         cancelled = []
         for version in self._removed_versions(change):
             job = self._jobs.get(derive_job_id(change.bucket, change.key, version))
-            if job is None or job.state is not JobState.SUBMITTED or not job.cancel_url:
+            if job is None or job.state not in AT_FAL or not job.cancel_url:
                 continue
+            claim = self._finisher.claim(job.job_id, deadline=deadline)
+            if claim is None:
+                continue  # its webhook (or recovery) is finishing it
             if not self._fal.cancel(job.cancel_url, deadline=deadline):
+                self._finisher.let_go(claim)
                 logger.info("input deleted, but fal had already started the request: it runs to the end", extra={"job_id": job.job_id})
                 continue
             self._finisher.fail(
-                job,
+                claim.job,
+                claim.holder,
                 stage="fal",
                 code="cancelled",
                 message="the input object was deleted before fal started the request, so the request was cancelled",
                 fal={"request_id": job.request_id},
-                from_states=(JobState.SUBMITTED,),
+                took_over=claim.took_over,
             )
             cancelled.append(job.job_id)
         return cancelled
@@ -190,6 +308,10 @@ class Cancellation:
             return [change.version_id]
         listing = self._s3.list_object_versions(Bucket=change.bucket, Prefix=change.key)
         return [v["VersionId"] for v in listing.get("Versions", []) if v.get("Key") == change.key and v.get("VersionId")]
+
+
+def _ms(iso_time: str) -> int:
+    return int(datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 def _outcome(ended: Job | None) -> str:

@@ -25,6 +25,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
 
     jobs_table: str = Field(alias="JOBS_TABLE")
+    input_bucket: str = Field(default="", alias="INPUT_BUCKET")
     input_prefix: str = Field(default="inputs/", alias="INPUT_PREFIX")
     output_prefix: str = Field(default="outputs/", alias="OUTPUT_PREFIX")
 
@@ -44,6 +45,8 @@ class Settings(BaseModel):
     fal_jwks_url: str = Field(default="https://rest.alpha.fal.ai/.well-known/jwks.json", alias="FAL_JWKS_URL")
     jwks_cache_seconds: int = Field(default=6 * 3600, ge=0, alias="JWKS_CACHE_SECONDS")
     signature_tolerance_seconds: int = Field(default=300, ge=1, alias="SIGNATURE_TOLERANCE_SECONDS")
+    #: This stack's fal account; empty: pinned from the first webhook that proves itself ours.
+    fal_user_id: str = Field(default="", alias="FAL_USER_ID")
     webhook_max_body_bytes: int = Field(default=6 * 1024 * 1024, gt=0, alias="WEBHOOK_MAX_BODY_BYTES")
     allowed_media_urls: tuple[str, ...] = Field(default=tuple(DEFAULT_FAL_MEDIA_URLS.split(",")), alias="ALLOWED_MEDIA_URLS")
     max_output_image_bytes: int = Field(default=100 * 1024 * 1024, gt=0, alias="MAX_OUTPUT_IMAGE_BYTES")

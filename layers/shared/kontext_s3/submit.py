@@ -1,20 +1,25 @@
 """From one S3 notification to (at most) one request in fal's queue.
 
-For each uploaded object under the input prefix:
+For each uploaded object under the input prefix of the input bucket:
 
 1. create its job, or find it: a second delivery of the same upload stops here;
-2. read the tags of that exact version and validate them against the model;
-3. check the object is an image we can send, and make it reachable to fal;
-4. submit to fal's queue with the webhook URL that names the job;
-5. record fal's request id and URLs.
+2. check the upload still exists, read the tags of that exact version and
+   validate them against the model, check the object is an image we can send;
+3. make the image reachable to fal (a fresh presigned URL);
+4. mark the job SENDING, then submit to fal's queue with the webhook URL that
+   names the job;
+5. record what fal's answer proves (see ``fal_queue``): accepted, certainly
+   not enqueued (the only road back to a later resend), refused, or unknown
+   (UNCERTAIN, never resent).
 
 A removed input (``ObjectRemoved``) cancels its jobs fal has not started.
 
-What the user did wrong (tags, object, a 4xx from fal) ends the job FAILED with
-an error record, and the message is acknowledged: retrying cannot fix it.
-Transient faults are retried inside the invocation (see ``fal_queue``), then
-the message goes back to SQS; on its last receive the job is marked failed,
+What the user did wrong (tags, object, key, a 4xx from fal) ends the job FAILED
+with an error record, and the message is acknowledged: retrying cannot fix it.
+Transient faults before sending are retried inside the invocation, then the
+message goes back to SQS; on its last receive the job is marked failed,
 retryably, and the message moves to the DLQ, from where a redrive resumes it.
+Every message that fails leaves a log line naming its message id and key.
 """
 
 from __future__ import annotations
@@ -24,34 +29,27 @@ import json
 import time
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
 from kontext_s3.completion import JobFinisher
 from kontext_s3.edit_request import InvalidEditRequest, build_model_input
-from kontext_s3.fal_queue import FalOutcomeUnknown, FalQueueClient, FalRejected, FalUnavailable, summarize_detail
+from kontext_s3.fal_queue import Accepted, FalQueueClient, NotEnqueued, Refused, SubmitOutcome, Unknown, summarize_detail
+from kontext_s3.image_types import SUPPORTED, sniff_image
 from kontext_s3.job_id import derive_job_id
-from kontext_s3.jobs import Job, JobState, JobStore, now_ms
+from kontext_s3.jobs import Job, JobConflict, JobState, JobStore, new_holder
 from kontext_s3.log import logger
 from kontext_s3.model_schema import FieldProblem
-from kontext_s3.output_store import OutputLayout
+from kontext_s3.output_store import OutputLayout, has_dot_segments
 from kontext_s3.recovery import Cancellation
-from kontext_s3.s3_events import ObjectChange, parse_notification
+from kontext_s3.redact import redact
+from kontext_s3.s3_events import MalformedNotification, ObjectChange, parse_notification
 from kontext_s3.settings import Settings
 from kontext_s3.tag_codec import TagEncodingError, decode_tags
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-#: Image formats we send (by their first bytes, not by the Content-Type a client claims).
-_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
-    (b"\xff\xd8\xff", 0, "image/jpeg"),
-    (b"\x89PNG\r\n\x1a\n", 0, "image/png"),
-    (b"GIF87a", 0, "image/gif"),
-    (b"GIF89a", 0, "image/gif"),
-    (b"WEBP", 8, "image/webp"),
-)
 
 
 class Outcome(StrEnum):
@@ -69,6 +67,8 @@ class ChangeResult:
     key: str
     job_id: str | None = None
     detail: str = ""
+    #: POSTs this change made to fal (retries included).
+    fal_attempts: int = 0
 
 
 class RetryLater(RuntimeError):
@@ -80,6 +80,14 @@ class _UserError(Exception):
         super().__init__(message)
         self.code = code
         self.problems = problems or []
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated edit of an existing image, ready to send."""
+
+    body: dict[str, Any]  # the model input, with the object's s3:// address as image_url
+    content_type: str
 
 
 class Submitter:
@@ -95,6 +103,8 @@ class Submitter:
     ) -> None:
         if not settings.webhook_url:
             raise ValueError("WEBHOOK_URL is not set: fal would have nowhere to report results")
+        if not settings.input_bucket:
+            raise ValueError("INPUT_BUCKET is not set: events from any bucket would be taken as uploads")
         self._settings = settings
         self._s3 = s3
         self._jobs = jobs
@@ -103,16 +113,37 @@ class Submitter:
         self._cancellation = cancellation
         self._layout = OutputLayout(settings.input_prefix, settings.output_prefix)
 
-    def handle_message(self, body: str, *, receive_count: int, deadline: float) -> list[ChangeResult]:
+    def handle_message(self, body: str, *, message_id: str, receive_count: int, deadline: float) -> list[ChangeResult]:
         """Handle one SQS message body. Raises :class:`RetryLater` (or any error) to have it retried."""
-        changes = parse_notification(body)
+        try:
+            changes = parse_notification(body)
+        except MalformedNotification as exc:
+            logger.error(
+                "message is not an S3 notification; it will be retried into the DLQ", extra={"message_id": message_id, "reason": str(exc)}
+            )
+            raise
         if not changes:
-            logger.info("s3:TestEvent acknowledged")
-        return [self.handle_change(change, receive_count=receive_count, deadline=deadline) for change in changes]
+            logger.info("s3:TestEvent acknowledged", extra={"message_id": message_id})
+        results = []
+        for change in changes:
+            try:
+                results.append(self.handle_change(change, receive_count=receive_count, deadline=deadline))
+            except RetryLater:
+                raise  # logged where it was decided
+            except Exception as exc:
+                logger.exception(
+                    "message failed; it will be retried",
+                    extra={"message_id": message_id, "object_key": change.key, "receive_count": receive_count, "reason": redact(str(exc))},
+                )
+                raise
+        return results
 
     def handle_change(self, change: ObjectChange, *, receive_count: int, deadline: float) -> ChangeResult:
         logger.thread_safe_append_keys(object_key=change.key, bucket=change.bucket)
         try:
+            if change.bucket != self._settings.input_bucket:
+                logger.warning("ignored: the record is about another bucket", extra={"input_bucket": self._settings.input_bucket})
+                return ChangeResult(Outcome.IGNORED, change.key, detail="another bucket")
             if not change.key.startswith(self._settings.input_prefix) or change.key.endswith("/"):
                 logger.info("ignored: not an object under the input prefix", extra={"input_prefix": self._settings.input_prefix})
                 return ChangeResult(Outcome.IGNORED, change.key, detail="outside the input prefix")
@@ -132,8 +163,9 @@ class Submitter:
     # -- one upload ---------------------------------------------------------------
 
     def _handle_upload(self, change: ObjectChange, job_id: str, *, receive_count: int, deadline: float) -> ChangeResult:
-        # The lease outlives this invocation by a margin: if we die, it lapses before SQS redelivers.
-        lease_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + 10_000
+        holder = new_holder()
+        # The hold outlives this invocation by a margin: if we die, it lapses before SQS redelivers.
+        hold_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + 10_000
         job = self._jobs.create(
             job_id=job_id,
             bucket=change.bucket,
@@ -143,91 +175,161 @@ class Submitter:
             sequencer=change.sequencer,
             event_time=change.event_time,
             output_prefix=self._layout.job_prefix(change.key, job_id),
-            lease_ms=lease_ms,
+            holder=holder,
+            hold_ms=hold_ms,
         )
         if job is None:
-            taken = self._take_over(job_id, change.key, lease_ms)
+            taken = self._take_over(job_id, change.key, holder, hold_ms)
             if isinstance(taken, ChangeResult):
                 return taken
             job = taken
-        assert job.lease_until_ms is not None
         try:
-            return self._submit(job, change, deadline=deadline)
+            prepared = self._prepare(change)
         except _UserError as exc:
-            self._finisher.fail(job, stage="validation", code=exc.code, message=str(exc), problems=exc.problems)
+            self._finisher.fail(job, holder, stage="validation", code=exc.code, message=str(exc), problems=exc.problems)
             return ChangeResult(Outcome.FAILED, change.key, job_id, f"{exc.code}: {exc}")
-        except FalRejected as exc:
-            if exc.is_auth:
-                # Our key, not the user's input: keep the upload and let the operator fix the secret.
-                reason = f"fal refused our key (HTTP {exc.status_code}); check the fal key secret"
-                return self._retry_later(job, receive_count, reason, code="fal_unavailable")
-            self._finisher.fail(
-                job,
-                stage="submit",
-                code="fal_rejected",
-                message=str(exc),
-                problems=_fal_problems(exc.detail),
-                fal={"status_code": exc.status_code, "detail": exc.detail},
-            )
-            return ChangeResult(Outcome.FAILED, change.key, job_id, str(exc))
-        except FalOutcomeUnknown as exc:
-            self._jobs.mark_uncertain(job_id, job.lease_until_ms, reason=f"{exc}; not resent, to never pay twice")
-            logger.error("fal may have accepted the request; job left UNCERTAIN for its webhook or recovery", extra={"reason": str(exc)})
-            return ChangeResult(Outcome.UNCERTAIN, change.key, job_id, str(exc))
-        except FalUnavailable as exc:
-            return self._retry_later(job, receive_count, str(exc), code="fal_unavailable")
         except Exception as exc:
-            return self._retry_later(job, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted")
+            return self._retry_later(job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False)
+        return self._send(job, holder, change, prepared, receive_count=receive_count, deadline=deadline)
 
-    def _take_over(self, job_id: str, key: str, lease_ms: int) -> Job | ChangeResult:
-        """The job exists: take it up again if that is safe, else report the duplicate."""
+    def _take_over(self, job_id: str, key: str, holder: str, hold_ms: int) -> Job | ChangeResult:
+        """The job exists: take it up again if nothing was sent for it, else report the duplicate."""
         existing = self._jobs.get(job_id)
         if existing is None:  # expired by TTL between the two calls: an old event, treated as a duplicate
             return ChangeResult(Outcome.DUPLICATE, key, job_id, "job expired")
-        retry = (existing.state is JobState.SUBMITTING and existing.lease_until_ms is None) or (
+        resumable = (existing.state is JobState.SUBMITTING and (existing.holder is None or existing.hold_lapsed())) or (
             existing.state is JobState.FAILED and existing.failure_retryable
         )
-        if retry:
-            claimed = self._jobs.claim(job_id, lease_ms=lease_ms)
-            if claimed is not None:
-                logger.info("resuming job", extra={"attempt": claimed.attempts})
-                return claimed
+        if resumable:
+            taken = self._jobs.take_over(job_id, holder=holder, hold_ms=hold_ms)
+            if taken is not None:
+                logger.info("resuming job", extra={"attempt": taken.attempts})
+                return taken
             existing = self._jobs.get(job_id) or existing
-        elif existing.state is JobState.SUBMITTING and existing.lease_until_ms is not None and existing.lease_until_ms < now_ms():
-            self._jobs.mark_uncertain(
-                job_id, existing.lease_until_ms, reason="the worker submitting it stopped mid-way; not resent, to never pay twice"
-            )
-            logger.error("previous worker died holding the lease: job is UNCERTAIN")
-            return ChangeResult(Outcome.UNCERTAIN, existing.key, job_id, "previous worker died mid-submit")
+        elif existing.state is JobState.SENDING and existing.hold_lapsed():
+            self._jobs.mark_uncertain(job_id, reason="the worker sending it stopped mid-way; not resent, to never pay twice")
+            logger.error("previous worker died while sending: job is UNCERTAIN")
+            return ChangeResult(Outcome.UNCERTAIN, existing.key, job_id, "previous worker died mid-send")
         logger.info("duplicate delivery: job already exists", extra={"state": existing.state.value})
         return ChangeResult(Outcome.DUPLICATE, existing.key, job_id, existing.state.value)
 
-    def _submit(self, job: Job, change: ObjectChange, *, deadline: float) -> ChangeResult:
+    def _prepare(self, change: ObjectChange) -> _Prepared:
+        """Everything that can be checked before anything is sent; raises :class:`_UserError` for the user's mistakes."""
+        if has_dot_segments(change.key):
+            raise _UserError("unsupported_key", "the key has '.' or '..' path segments, which URLs cannot carry; rename the upload")
+        self._check_still_there(change)
         fields = self._read_tags(change)
         try:
             # Validated before touching the image: a bad tag is the commonest mistake and costs nothing to report.
             model_input = build_model_input(fields, self._settings.model_defaults, image_url=_s3_uri(change))
         except InvalidEditRequest as exc:
             raise _UserError("invalid_tags", f"the tags do not describe a valid edit: {exc}", exc.problems) from exc
-        recorded = model_input.to_request_body()  # with the s3:// address: the presigned URL is a credential, never stored
-        body = {**recorded, "image_url": self._reachable_image(change)}
-        queued = self._fal.submit(
-            self._settings.fal_endpoint,
-            body,
-            webhook_url=f"{self._settings.webhook_url}/fal/{job.job_id}",
-            deadline=deadline,
+        content_type = self._check_image(change)
+        # With the s3:// address: the presigned URL is a credential, never stored.
+        return _Prepared(body=model_input.to_request_body(), content_type=content_type)
+
+    def _send(
+        self, job: Job, holder: str, change: ObjectChange, prepared: _Prepared, *, receive_count: int, deadline: float
+    ) -> ChangeResult:
+        try:
+            key = self._fal.key()
+            image_url = self._reachable_image(change, prepared.content_type)
+        except Exception as exc:  # nothing has been sent yet
+            return self._retry_later(job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False)
+        try:
+            self._jobs.begin_send(job.job_id, holder, input_json=json.dumps(prepared.body, sort_keys=True))
+        except JobConflict:
+            logger.warning("lost the job before sending it (its hold lapsed and another worker took it); nothing sent")
+            return ChangeResult(Outcome.DUPLICATE, change.key, job.job_id, "hold lost")
+        # From here the request may be at fal: every path below ends in a recorded state, never a resend.
+        outcome: SubmitOutcome | None = None
+        try:
+            outcome = self._fal.submit(
+                self._settings.fal_endpoint,
+                {**prepared.body, "image_url": image_url},
+                webhook_url=f"{self._settings.webhook_url}/fal/{job.job_id}",
+                deadline=deadline,
+                key=key,
+            )
+            return self._settle(job, holder, change, outcome, receive_count=receive_count)
+        except RetryLater:
+            raise
+        except Exception as exc:
+            reason = f"our own failure after sending ({type(exc).__name__}: {redact(str(exc))}); not resent, to never pay twice"
+            request_id = outcome.request.request_id if isinstance(outcome, Accepted) else getattr(outcome, "request_id", None)
+            self._record_uncertain(job, holder, reason, request_id)
+            return ChangeResult(Outcome.UNCERTAIN, change.key, job.job_id, reason, fal_attempts=getattr(outcome, "attempts", 1))
+
+    def _settle(self, job: Job, holder: str, change: ObjectChange, outcome: SubmitOutcome, *, receive_count: int) -> ChangeResult:
+        """Record what fal's answer proves."""
+        attempts = outcome.attempts
+        match outcome:
+            case Accepted(request=queued):
+                recorded = self._jobs_write(
+                    lambda: self._jobs.mark_submitted(
+                        job.job_id,
+                        holder,
+                        request_id=queued.request_id,
+                        gateway_request_id=queued.gateway_request_id,
+                        status_url=queued.status_url,
+                        response_url=queued.response_url,
+                        cancel_url=queued.cancel_url,
+                    )
+                )
+                if recorded is None:
+                    current = self._jobs.get(job.job_id)
+                    if current is None or current.request_id != queued.request_id:
+                        self._record_uncertain(job, holder, "fal accepted it but recording that failed; not resent", queued.request_id)
+                        return ChangeResult(Outcome.UNCERTAIN, change.key, job.job_id, queued.request_id, attempts)
+                logger.info("submitted to fal", extra={"request_id": queued.request_id, "queue_position": queued.queue_position})
+                return ChangeResult(Outcome.SUBMITTED, change.key, job.job_id, queued.request_id, attempts)
+            case NotEnqueued(reason=reason) if outcome.is_auth:
+                # Our key, not the user's input: keep the upload and let the operator fix the secret.
+                text = f"fal refused our key ({reason}); check the fal key secret"
+                return self._retry_later(job, holder, receive_count, text, code="fal_unavailable", sent=True, attempts=attempts)
+            case NotEnqueued(reason=reason):
+                return self._retry_later(job, holder, receive_count, reason, code="fal_unavailable", sent=True, attempts=attempts)
+            case Refused(reason=reason, status_code=status, detail=detail):
+                self._finisher.fail(
+                    job,
+                    holder,
+                    stage="submit",
+                    code="fal_rejected",
+                    message=reason,
+                    problems=_fal_problems(detail),
+                    fal={"status_code": status, "detail": detail},
+                )
+                return ChangeResult(Outcome.FAILED, change.key, job.job_id, reason, attempts)
+            case Unknown(reason=reason, request_id=request_id):
+                self._record_uncertain(job, holder, f"{reason}; not resent, to never pay twice", request_id)
+                return ChangeResult(Outcome.UNCERTAIN, change.key, job.job_id, reason, attempts)
+        raise AssertionError(f"unhandled outcome {outcome!r}")
+
+    def _record_uncertain(self, job: Job, holder: str, reason: str, request_id: str | None) -> None:
+        """Leave the job UNCERTAIN with whatever id we have; if even that cannot be written, its hold lapses into UNCERTAIN."""
+        urls = None
+        if request_id:
+            built = self._fal.request_urls(self._settings.fal_endpoint, request_id)
+            urls = (built.status_url, built.response_url, built.cancel_url)
+        written = self._jobs_write(
+            lambda: self._jobs.mark_uncertain(job.job_id, holder=holder, reason=reason, request_id=request_id, urls=urls)
         )
-        self._jobs.mark_submitted(
-            job.job_id,
-            request_id=queued.request_id,
-            gateway_request_id=queued.gateway_request_id,
-            status_url=queued.status_url,
-            response_url=queued.response_url,
-            cancel_url=queued.cancel_url,
-            input_json=json.dumps(recorded, sort_keys=True),
+        logger.error(
+            "fal may hold the request; job left UNCERTAIN for its webhook or recovery, never resent",
+            extra={"reason": redact(reason), "request_id": request_id, "recorded": written is not None},
         )
-        logger.info("submitted to fal", extra={"request_id": queued.request_id, "queue_position": queued.queue_position})
-        return ChangeResult(Outcome.SUBMITTED, change.key, job.job_id, queued.request_id)
+
+    @staticmethod
+    def _jobs_write(write: Any) -> Job | None:
+        """One more try of a jobs-table write after a fault (the SDK has retried already); ``None`` if it still fails."""
+        for attempt in range(2):
+            try:
+                result: Job | None = write()
+                return result
+            except ClientError as exc:
+                logger.warning("jobs table write failed after sending", extra={"reason": str(exc), "attempt": attempt + 1})
+                time.sleep(0.2)
+        return None
 
     def _resolve_version(self, change: ObjectChange) -> str | None:
         """The version an event without ``versionId`` is about: the one whose eTag it names.
@@ -254,6 +356,15 @@ class Submitter:
                 return candidate.get("VersionId")
         return None
 
+    def _check_still_there(self, change: ObjectChange) -> None:
+        """An upload deleted before its event is handled is not paid for (a delete marker hides it)."""
+        try:
+            self._s3.head_object(Bucket=change.bucket, Key=change.key)
+        except ClientError as exc:
+            if _missing(exc):
+                raise _UserError("input_missing", "the input was deleted before it could be processed") from exc
+            raise
+
     def _read_tags(self, change: ObjectChange) -> dict[str, str]:
         kwargs = {"Bucket": change.bucket, "Key": change.key}
         if change.version_id:
@@ -274,13 +385,10 @@ class Submitter:
             logger.debug("tags that are not model fields were ignored", extra={"ignored_tags": ignored})
         return fields
 
-    def _reachable_image(self, change: ObjectChange) -> str:
-        """A URL fal can fetch the exact uploaded version from."""
-        kwargs = {"Bucket": change.bucket, "Key": change.key}
-        if change.version_id:
-            kwargs["VersionId"] = change.version_id
+    def _check_image(self, change: ObjectChange) -> str:
+        """The image's type, from its first bytes; refuses what is not an image or too large."""
         try:
-            first = self._s3.get_object(Range="bytes=0-15", **kwargs)  # type: ignore[arg-type]
+            first = self._s3.get_object(Range="bytes=0-15", **_version_args(change))  # type: ignore[arg-type]
             first_bytes = first["Body"].read()
         except ClientError as exc:
             if _missing(exc):
@@ -291,25 +399,30 @@ class Submitter:
         size = _object_size(first.get("ContentRange"), first.get("ContentLength", 0))
         content_type = sniff_image(first_bytes)
         if content_type is None:
-            raise _UserError("unsupported_object", "the uploaded object is not a JPEG, PNG, WebP or GIF image")
+            raise _UserError("unsupported_object", f"the uploaded object is not a {SUPPORTED} image")
         if size > self._settings.max_input_bytes:
             raise _UserError(
                 "unsupported_object", f"the image is {size} bytes; the limit is {self._settings.max_input_bytes} (MAX_INPUT_BYTES)"
             )
+        return content_type
+
+    def _reachable_image(self, change: ObjectChange, content_type: str) -> str:
+        """A URL fal can fetch the exact uploaded version from, made just before sending."""
+        kwargs = _version_args(change)
         if self._settings.image_transport == "data-uri":
             data = self._s3.get_object(**kwargs)["Body"].read()  # type: ignore[arg-type]
             return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
-        return self._s3.generate_presigned_url(
-            "get_object",
-            Params=kwargs,
-            ExpiresIn=self._settings.presign_expiry_seconds,
-        )
+        return self._s3.generate_presigned_url("get_object", Params=kwargs, ExpiresIn=self._settings.presign_expiry_seconds)
 
-    def _retry_later(self, job: Job, receive_count: int, reason: str, *, code: str) -> ChangeResult:
-        assert job.lease_until_ms is not None
+    def _retry_later(
+        self, job: Job, holder: str, receive_count: int, reason: str, *, code: str, sent: bool, attempts: int = 0
+    ) -> ChangeResult:
+        """Nothing is at fal: give the job back for the next delivery, or fail it retryably on the last one."""
+        reason = redact(reason)
         if receive_count >= self._settings.max_receive_count:
             self._finisher.fail(
                 job,
+                holder,
                 stage="submit",
                 code=code,
                 message=f"gave up after {receive_count} deliveries of the S3 event: {reason}",
@@ -317,18 +430,22 @@ class Submitter:
             )
             logger.error("last delivery failed: job marked failed, message goes to the DLQ", extra={"reason": reason})
         else:
-            self._jobs.release(job.job_id, job.lease_until_ms, reason=reason)
-            logger.warning("transient fault: the message will be retried", extra={"reason": reason, "receive_count": receive_count})
+            if sent:
+                self._jobs.not_enqueued(job.job_id, holder, reason=reason)
+            else:
+                self._jobs.release(job.job_id, holder, reason=reason)
+            logger.warning(
+                "transient fault: the message will be retried",
+                extra={"reason": reason, "receive_count": receive_count, "fal_attempts": attempts},
+            )
         raise RetryLater(reason)
 
 
-def sniff_image(first_bytes: bytes) -> str | None:
-    for signature, offset, content_type in _SIGNATURES:
-        if first_bytes[offset : offset + len(signature)] == signature:
-            if content_type == "image/webp" and not first_bytes.startswith(b"RIFF"):
-                continue
-            return content_type
-    return None
+def _version_args(change: ObjectChange) -> dict[str, str]:
+    kwargs = {"Bucket": change.bucket, "Key": change.key}
+    if change.version_id:
+        kwargs["VersionId"] = change.version_id
+    return kwargs
 
 
 def _object_size(content_range: str | None, content_length: int) -> int:

@@ -33,6 +33,9 @@ fields when every character is an emoji or another astral character.
 
 Decoding merges both forms; a field given twice is refused; tags that are
 neither fields nor ``kx`` pieces (a user's own ``owner=...``) are ignored.
+Decoding is bounded: the packed document inflates to at most
+``MAX_DOCUMENT_BYTES``, must be a flat JSON object of text values, and every
+value must be valid Unicode; anything else is an invalid tag, never a fault.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import re
 import zlib
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 from kontext_s3.model_schema import TAG_FIELDS
 
@@ -57,6 +60,8 @@ _PIECE_KEY = re.compile(r"^kx([0-9])\.(.*)$", re.DOTALL)
 _KEY_DATA_CHARS = MAX_KEY_CHARS - len("kx0.")
 PIECE_CHARS = _KEY_DATA_CHARS + MAX_VALUE_CHARS
 PACKED_CAPACITY_CHARS = MAX_TAGS * PIECE_CHARS
+#: The most a packed document may inflate to: every field at its longest, with room to spare.
+MAX_DOCUMENT_BYTES = 64 * 1024
 
 _PLAIN_SAFE = re.compile(r"^[A-Za-z0-9+\-=._:/@](?:[A-Za-z0-9 +\-=._:/@]*[A-Za-z0-9+\-=._:/@])?$")
 
@@ -131,8 +136,8 @@ def decode_tags(tags: Mapping[str, str]) -> dict[str, str]:
 
 
 def tagging_header(tags: Mapping[str, str]) -> str:
-    """The ``Tagging=`` / ``x-amz-tagging`` string of PutObject (URL-query encoded)."""
-    return urlencode(list(tags.items()))
+    """The ``Tagging=`` / ``x-amz-tagging`` string of PutObject (URL-query encoded, spaces as ``%20``)."""
+    return urlencode(list(tags.items()), quote_via=quote, safe="")
 
 
 def parse_tagging_header(header: str) -> dict[str, str]:
@@ -167,10 +172,15 @@ def _unpack(pieces: Mapping[int, str]) -> dict[str, str]:
         blob = base64.urlsafe_b64decode(chars + "=" * (-len(chars) % 4))
         document = _decompress(blob)
         value = json.loads(document)
-    except (binascii.Error, ValueError, zlib.error) as exc:
-        raise TagEncodingError(f"packed kx tags cannot be decoded: {exc}", field="prompt") from exc
+    except (binascii.Error, ValueError, zlib.error, RecursionError) as exc:
+        raise TagEncodingError(f"packed kx tags cannot be decoded: {str(exc)[:200]}", field="prompt") from exc
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise TagEncodingError("packed kx tags do not hold a set of fields", field="prompt")
+    for name, text in value.items():
+        try:
+            f"{name}{text}".encode()
+        except UnicodeEncodeError as exc:
+            raise TagEncodingError(f"packed kx tags hold text that is not valid Unicode (in {name[:40]!r})", field="prompt") from exc
     return {str(k): v for k, v in value.items()}
 
 
@@ -192,7 +202,11 @@ def _decompress(blob: bytes) -> str:
     if codec == _CODEC_UTF8:
         return body.decode("utf-8")
     if codec == _CODEC_DEFLATE:
-        return zlib.decompress(body, -15).decode("utf-8")
+        inflater = zlib.decompressobj(-15)
+        text = inflater.decompress(body, MAX_DOCUMENT_BYTES)
+        if inflater.unconsumed_tail:
+            raise ValueError(f"the packed document inflates to more than {MAX_DOCUMENT_BYTES} bytes")
+        return text.decode("utf-8")
     if codec == _CODEC_CODEPOINTS:
         return _unpack_codepoints(body)
     raise ValueError(f"unknown codec {codec}")

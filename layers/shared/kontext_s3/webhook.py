@@ -6,27 +6,35 @@ In order, and with no side effect before the last check passes:
 2. fal's signature verifies (401 when a header is missing, the timestamp is
    stale or no key verifies; 503 when fal's keys cannot be fetched);
 3. the job named in the URL exists and its fal request id is the one that
-   signed (404 otherwise); an UNCERTAIN job learns its request id here, and a
-   job whose submit is still being recorded answers 409 so fal retries;
-4. the body is a fal webhook document for that same request (400 otherwise).
+   signed (404 otherwise); a job whose submit is still being recorded answers
+   409 so fal retries;
+4. the sender is this stack's fal account (403 otherwise; see ``fal_account``);
+   only then does an UNCERTAIN job learn its request id from the webhook;
+5. the body is a fal webhook document for that same request (400 otherwise).
 
 Then a job that already ended answers 200 and changes nothing (fal retries
-webhooks); an OK payload becomes outputs and a manifest; an ERROR payload or a
-``payload_error`` becomes an error record. A download or S3 fault answers 502
-and leaves the job open, so fal's retry (or the recovery function) finishes it.
+webhooks). Otherwise the webhook claims the job: if another caller holds it, it
+answers 409 and fal's retry finds the outcome. An OK payload becomes outputs
+and a manifest; an ERROR payload or a ``payload_error`` becomes an error
+record. A download or S3 fault, or time running out, answers 502 early enough
+for fal to retry, and leaves the job open for that retry (or recovery).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kontext_s3.completion import DeliveryFault, JobFinisher
+from kontext_s3.fal_account import FalAccount
 from kontext_s3.jobs import Job, JobState, JobStore
 from kontext_s3.log import logger
+from kontext_s3.notifications import NotificationError
+from kontext_s3.redact import redact
 from kontext_s3.webhook_signature import JwksCache, JwksUnavailable, SignatureError, verify_fal_webhook
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -42,22 +50,30 @@ class WebhookAnswer:
 
 class WebhookReceiver:
     def __init__(
-        self, *, jobs: JobStore, finisher: JobFinisher, jwks: JwksCache, max_body_bytes: int, tolerance_seconds: int = 300
+        self,
+        *,
+        jobs: JobStore,
+        finisher: JobFinisher,
+        jwks: JwksCache,
+        account: FalAccount,
+        max_body_bytes: int,
+        tolerance_seconds: int = 300,
     ) -> None:
         self._jobs = jobs
         self._finisher = finisher
         self._jwks = jwks
+        self._account = account
         self._max_body = max_body_bytes
         self._tolerance = tolerance_seconds
 
-    def handle(self, job_id: str, headers: Mapping[str, str], raw_body: bytes) -> WebhookAnswer:
+    def handle(self, job_id: str, headers: Mapping[str, str], raw_body: bytes, *, deadline: float) -> WebhookAnswer:
         logger.thread_safe_append_keys(job_id=job_id)
         try:
-            return self._handle(job_id, headers, raw_body)
+            return self._handle(job_id, headers, raw_body, deadline)
         finally:
             logger.thread_safe_remove_keys(["job_id", "object_key", "request_id"])
 
-    def _handle(self, job_id: str, headers: Mapping[str, str], raw_body: bytes) -> WebhookAnswer:
+    def _handle(self, job_id: str, headers: Mapping[str, str], raw_body: bytes, deadline: float) -> WebhookAnswer:
         if len(raw_body) > self._max_body:
             return _refuse(413, f"body of {len(raw_body)} bytes exceeds the {self._max_body}-byte limit")
         try:
@@ -72,9 +88,13 @@ class WebhookReceiver:
         if job is None:
             return _refuse(404, "no such job")
         logger.thread_safe_append_keys(object_key=job.key)
-        if job.request_id is None and job.state is JobState.SUBMITTING:
+        if job.request_id is None and job.state in (JobState.SUBMITTING, JobState.SENDING):
             # fal can finish before the submit function has recorded its answer; its retry will find it.
             return _refuse(409, "the job's submit is still being recorded; retry later")
+        if job.request_id is not None and job.request_id != sender.request_id:
+            return _refuse(404, "this request id does not belong to this job")
+        if not self._account.accepts(sender.user_id, proven=job.request_id is not None):
+            return _refuse(403, "the webhook comes from a fal account that is not this stack's (FAL_USER_ID)")
         if job.request_id is None and job.state is JobState.UNCERTAIN:
             job = self._jobs.adopt_request(job_id, sender.request_id) or self._jobs.get(job_id) or job
             logger.warning("an UNCERTAIN job's webhook arrived: fal did accept it")
@@ -86,37 +106,63 @@ class WebhookReceiver:
             return _refuse(400, "body is not JSON")
         if not isinstance(document, dict) or document.get("request_id") != sender.request_id:
             return _refuse(400, "body is not a webhook for the signed request id")
+        status = document.get("status")
+        succeeded = status == "OK" and document.get("payload") is not None
+        if not succeeded and status != "ERROR" and document.get("payload_error") is None:
+            return _refuse(400, f"unknown webhook status {status!r}")
 
         if job.state.ended:
-            self._finisher.notify(job)  # a crash between ending and publishing is mended by the retry
-            return WebhookAnswer(200, {"job_id": job_id, "state": job.state.value, "note": "already recorded"})
-
-        status = document.get("status")
-        if status == "OK" and document.get("payload") is not None:
-            try:
-                ended = self._finisher.succeed(job, document["payload"])
-            except DeliveryFault as exc:
-                logger.error("copying outputs failed; fal will retry", extra={"reason": str(exc)})
-                return WebhookAnswer(502, {"error": "could not store the outputs yet, retry later"})
-        elif status == "ERROR" or document.get("payload_error") is not None:
-            message = str(document.get("error") or document.get("payload_error") or "fal reported an error")
-            ended = self._finisher.fail(
-                job,
-                stage="fal",
-                code="fal_error",
-                message=message,
-                fal={
-                    "request_id": sender.request_id,
-                    "gateway_request_id": document.get("gateway_request_id"),
-                    "error": document.get("error"),
-                    "detail": document.get("payload"),
-                    "payload_error": document.get("payload_error"),
-                },
-            )
-        else:
-            return _refuse(400, f"unknown webhook status {status!r}")
+            return self._already_ended(job)
+        claim = self._finisher.claim(job_id, deadline=deadline)
+        if claim is None:
+            current = self._jobs.get(job_id) or job
+            if current.state.ended:
+                return self._already_ended(current)
+            return _refuse(409, "another caller is finishing this job; retry later")
+        try:
+            if succeeded:
+                ended = self._finisher.succeed(claim, document["payload"], deadline=deadline)
+            else:
+                message = str(document.get("error") or document.get("payload_error") or "fal reported an error")
+                ended = self._finisher.fail(
+                    claim.job,
+                    claim.holder,
+                    stage="fal",
+                    code="fal_error",
+                    message=message,
+                    fal=redact(
+                        {
+                            "request_id": sender.request_id,
+                            "gateway_request_id": document.get("gateway_request_id"),
+                            "error": document.get("error"),
+                            "error_type": document.get("error_type"),
+                            "detail": document.get("payload"),
+                            "payload_error": document.get("payload_error"),
+                        }
+                    ),
+                    took_over=claim.took_over,
+                )
+        except DeliveryFault as exc:
+            logger.error("copying outputs failed; fal will retry", extra={"reason": str(exc)})
+            return WebhookAnswer(502, {"error": "could not store the outputs yet, retry later"})
+        except NotificationError as exc:
+            logger.error("the job ended but its event was not published; fal's retry publishes it", extra={"reason": str(exc)})
+            return WebhookAnswer(503, {"error": "result stored, event not yet published; retry later"})
         final = ended or self._jobs.get(job_id) or job
         return WebhookAnswer(200, {"job_id": job_id, "state": final.state.value}, ended=ended)
+
+    def _already_ended(self, job: Job) -> WebhookAnswer:
+        try:
+            self._finisher.notify(job)  # a crash between ending and publishing is mended by the retry
+        except NotificationError as exc:
+            logger.error("publishing a missed event failed; fal's retry publishes it", extra={"reason": str(exc)})
+            return WebhookAnswer(503, {"error": "event not yet published; retry later"})
+        return WebhookAnswer(200, {"job_id": job.job_id, "state": job.state.value, "note": "already recorded"})
+
+
+def deadline_from(remaining_ms: int, *, margin_seconds: float = 3.0) -> float:
+    """A monotonic deadline that leaves ``margin_seconds`` of the invocation to answer."""
+    return time.monotonic() + max(0.5, remaining_ms / 1000 - margin_seconds)
 
 
 def _refuse(status: int, reason: str) -> WebhookAnswer:

@@ -64,7 +64,5 @@ def media_http_client() -> httpx.Client:
     return httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), follow_redirects=False)
 
 
-def fal_client(settings: Settings, http: httpx.Client, on_retry: Callable[[str], None] | None = None) -> FalQueueClient:
-    return FalQueueClient(
-        http, base_url=settings.fal_queue_url, key=fal_key_reader(settings), timeout_seconds=settings.fal_timeout_seconds, on_retry=on_retry
-    )
+def fal_client(settings: Settings, http: httpx.Client) -> FalQueueClient:
+    return FalQueueClient(http, base_url=settings.fal_queue_url, key=fal_key_reader(settings), timeout_seconds=settings.fal_timeout_seconds)

@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,6 +48,10 @@ class Faults:
 
     submit_429: int = 0
     submit_5xx: int = 0
+    #: fal enqueues the request, then answers 500 with ``x-fal-request-id`` (it holds and bills the request).
+    submit_500_enqueued: int = 0
+    #: fal enqueues the request, then answers 200 with a body that is not JSON.
+    submit_garbage_2xx: int = 0
     status_5xx: int = 0
     lose_webhook: int = 0
     duplicate_webhook: int = 0
@@ -115,6 +120,8 @@ class FalEmulator:
         self.received: list[dict[str, Any]] = []
         self.deliveries: list[dict[str, Any]] = []
         self.files: dict[str, tuple[bytes, str]] = {}
+        #: How many times each hosted file was fetched.
+        self.file_fetches: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fal-emulator")
         trust = ssl.create_default_context()
@@ -177,6 +184,7 @@ class FalEmulator:
             self.deliveries.clear()
             self.requests.clear()
             self.files.clear()
+            self.file_fetches.clear()
 
     def host_file(self, name: str, data: bytes, content_type: str) -> str:
         """Serve ``data`` from the file host (tests and benchmarks use it for large outputs)."""
@@ -239,6 +247,7 @@ class FalEmulator:
         problems = check_input(body)
         if problems:
             return 422, {"detail": problems}, {}
+        assert isinstance(body, dict)
         request_id = str(uuid.uuid4())
         app = "/".join(endpoint.split("/")[:2])
         request = QueueRequest(request_id=request_id, endpoint=endpoint, app=app, input=body, webhook_url=webhook_url)
@@ -250,6 +259,10 @@ class FalEmulator:
         except RuntimeError:  # stopping: the pool takes no more work
             return 503, {"detail": "emulator is shutting down"}, {}
         self._log(f"submitted {request_id} webhook={webhook_url}")
+        if self._take("submit_500_enqueued"):
+            return 500, {"detail": "Internal server error (emulator fault, request enqueued)"}, {"x-fal-request-id": request_id}
+        if self._take("submit_garbage_2xx"):
+            return 200, {"__raw__": "<html>upstream said ok</html>"}, {"x-fal-request-id": request_id}
         return (
             200,
             {"request_id": request_id, "gateway_request_id": request_id, **self._urls(request), "queue_position": position},
@@ -260,7 +273,7 @@ class FalEmulator:
         base = f"{self.base_url}/{request.app}/requests/{request.request_id}"
         return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
 
-    def status(self, request_id: str) -> tuple[int, dict[str, Any]]:
+    def status(self, request_id: str, *, logs: bool = False) -> tuple[int, dict[str, Any]]:
         request = self.requests.get(request_id)
         if request is None:
             return 404, {"detail": "Request not found"}
@@ -271,8 +284,8 @@ class FalEmulator:
             with self._lock:
                 ahead = [r for r in self.requests.values() if r.status == "IN_QUEUE" and r.submitted_at < request.submitted_at]
             answer["queue_position"] = len(ahead)
-        else:
-            answer["logs"] = list(request.logs)
+        else:  # fal sends the logs only when asked (?logs=1), and null otherwise
+            answer["logs"] = list(request.logs) if logs else None
         if request.status == "COMPLETED":
             answer["metrics"] = {"inference_time": request.inference_time} if request.inference_time is not None else {}
             if request.error:
@@ -477,6 +490,8 @@ def _make_handler(emulator: FalEmulator) -> type[BaseHTTPRequestHandler]:
             raw: bytes | None = None,
             content_type: str = "application/json",
         ) -> None:
+            if isinstance(payload, dict) and "__raw__" in payload:  # a body that is not JSON (a fault)
+                raw, content_type = str(payload["__raw__"]).encode("utf-8"), "text/html"
             data = raw if raw is not None else json.dumps(payload).encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -504,6 +519,7 @@ def _make_handler(emulator: FalEmulator) -> type[BaseHTTPRequestHandler]:
                 with emulator._lock:
                     found = emulator.files.get(name)
                     delay = emulator.faults.file_delay_ms
+                    emulator.file_fetches[name] += 1
                 if delay:
                     time.sleep(delay / 1000)
                 if found is None:
@@ -528,7 +544,8 @@ def _make_handler(emulator: FalEmulator) -> type[BaseHTTPRequestHandler]:
                 index = parts.index("requests")
                 tail = parts[index + 1 :]
                 if method == "GET" and len(tail) == 2 and tail[1] == "status":
-                    return self._send(*emulator.status(tail[0]))
+                    logs = parse_qs(url.query).get("logs", ["0"])[0] == "1"
+                    return self._send(*emulator.status(tail[0], logs=logs))
                 if method == "GET" and len(tail) == 1:
                     status, payload = emulator.result(tail[0])
                     return self._send(status, payload)
