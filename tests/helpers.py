@@ -102,6 +102,7 @@ class RecordingServer:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.paths: list[str] = []
+        self.bodies: list[bytes] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -110,10 +111,15 @@ class RecordingServer:
 
             def do_GET(self) -> None:
                 outer.paths.append(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    outer.bodies.append(self.rfile.read(length))
                 self.send_response(200)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
+
+            do_POST = do_GET
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"

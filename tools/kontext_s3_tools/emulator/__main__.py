@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=N",
         help="e.g. submit_429=3, lose_webhook=1, error_result=1, processing_ms=500",
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fal's concurrency limit: at most N requests IN_PROGRESS, the rest IN_QUEUE (default: unlimited; new fal accounts have 2)",
+    )
     parser.add_argument("--webhook-attempts", type=int, default=10)
     parser.add_argument("--webhook-backoff", type=float, default=0.25, help="seconds before the first webhook retry (doubles each time)")
     parser.add_argument("--verbose", action="store_true")
@@ -40,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         webhook_attempts=args.webhook_attempts,
         webhook_backoff_seconds=args.webhook_backoff,
         verbose=args.verbose,
+        concurrency=args.concurrency,
     ).start()
     print(f"fal emulator on {emulator.base_url}  (JWKS {emulator.jwks_url})", flush=True)
     if tls:

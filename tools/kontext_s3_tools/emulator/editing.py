@@ -42,6 +42,13 @@ def _crop_to_ratio(image: Image.Image, ratio: str | None) -> Image.Image:
     return image.crop((0, top, width, top + new_height))
 
 
+def describe(source: bytes) -> dict[str, object]:
+    """What the runner fetched: its stored width and height, format, and EXIF orientation (1 = upright)."""
+    image: Image.Image = Image.open(io.BytesIO(source))
+    orientation = image.getexif().get(0x0112, 1)
+    return {"width": image.width, "height": image.height, "format": image.format, "orientation": int(orientation)}
+
+
 def edit(source: bytes, *, prompt: str, seed: int, num_images: int, output_format: str, aspect_ratio: str | None) -> list[EditedImage]:
     base: Image.Image = Image.open(io.BytesIO(source))
     base = ImageOps.exif_transpose(base).convert("RGB")

@@ -11,14 +11,23 @@ Speaks the contract in ``../shared/reference/fal-queue-and-webhooks.md``:
   retried with backoff when it does not get a 2xx;
 * ``GET /.well-known/jwks.json``: the public key; ``GET /files/...``: outputs.
 
+fal as it is, not as it is convenient (see ``scheduler``): at most
+``concurrency`` requests run at once and the rest wait in line with a true
+``queue_position``; the runner fetches ``image_url`` when the request *starts*
+(so a presigned URL must outlive the wait); ``X-Fal-Request-Timeout`` ends a
+request that could not start in time with an ERROR webhook, and it never runs;
+a submit answered with ``x-fal-request-id`` exists even when the answer is a 5xx.
+
 Faults are counters that each submit/request consumes (``submit_429=3``: the
 next three submits get 429), set at start or with ``POST /_emulator/faults``.
-``GET /_emulator/state`` shows what was received and delivered.
+``GET /_emulator/state`` shows what was received and delivered, and the peak
+``IN_PROGRESS`` and open counts since the last reset.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
 import ssl
@@ -35,8 +44,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from kontext_s3_tools.emulator.editing import edit
+from kontext_s3_tools.emulator.editing import describe, edit
 from kontext_s3_tools.emulator.input_check import check_input
+from kontext_s3_tools.emulator.scheduler import FalQueue
 from kontext_s3_tools.emulator.signing import WebhookSigner
 
 ENDPOINTS = ("fal-ai/flux-pro/kontext/max",)
@@ -89,7 +99,12 @@ class QueueRequest:
     cancelled: bool = False
     logs: list[dict[str, Any]] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    ended_at: float | None = None
     inference_time: float | None = None
+    error_type: str | None = None
+    #: The input the runner fetched when the request started: width, height, format, EXIF orientation.
+    fetched: dict[str, Any] | None = None
 
 
 class FalEmulator:
@@ -108,6 +123,7 @@ class FalEmulator:
         signer: WebhookSigner | None = None,
         faults: dict[str, int] | None = None,
         verbose: bool = False,
+        concurrency: int | None = None,
     ) -> None:
         self.fal_key = fal_key
         self.user_id = user_id
@@ -124,6 +140,8 @@ class FalEmulator:
         self.file_fetches: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fal-emulator")
+        self._webhook_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fal-emulator-webhook")
+        self.queue = FalQueue(concurrency=concurrency, on_start=self._started, on_start_timeout=self._start_timed_out)
         trust = ssl.create_default_context()
         if tls:
             # Its own file host may be the image_url it is asked to fetch.
@@ -151,7 +169,9 @@ class FalEmulator:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self.queue.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._webhook_pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()
 
     def __enter__(self) -> FalEmulator:
@@ -185,6 +205,7 @@ class FalEmulator:
             self.requests.clear()
             self.files.clear()
             self.file_fetches.clear()
+        self.queue.reset()
 
     def host_file(self, name: str, data: bytes, content_type: str) -> str:
         """Serve ``data`` from the file host (tests and benchmarks use it for large outputs)."""
@@ -203,6 +224,7 @@ class FalEmulator:
                 "received": list(self.received),
                 "deliveries": list(self.deliveries),
                 "requests": {rid: {"status": r.status, "error": r.error, "cancelled": r.cancelled} for rid, r in self.requests.items()},
+                "queue": self.queue.snapshot(),
             }
 
     def _take(self, name: str) -> bool:
@@ -253,11 +275,8 @@ class FalEmulator:
         request = QueueRequest(request_id=request_id, endpoint=endpoint, app=app, input=body, webhook_url=webhook_url)
         with self._lock:
             self.requests[request_id] = request
-            position = sum(1 for r in self.requests.values() if r.status == "IN_QUEUE") - 1
-        try:
-            self._pool.submit(self._run, request)
-        except RuntimeError:  # stopping: the pool takes no more work
-            return 503, {"detail": "emulator is shutting down"}, {}
+            queue_ms = self.faults.queue_ms
+        position = self.queue.enqueue(request_id, queue_ms=queue_ms, start_timeout=_start_timeout(headers))
         self._log(f"submitted {request_id} webhook={webhook_url}")
         if self._take("submit_500_enqueued"):
             return 500, {"detail": "Internal server error (emulator fault, request enqueued)"}, {"x-fal-request-id": request_id}
@@ -281,16 +300,14 @@ class FalEmulator:
             return 503, {"detail": "Service unavailable (emulator fault)"}
         answer: dict[str, Any] = {"status": request.status, "request_id": request_id, **self._urls(request)}
         if request.status == "IN_QUEUE":
-            with self._lock:
-                ahead = [r for r in self.requests.values() if r.status == "IN_QUEUE" and r.submitted_at < request.submitted_at]
-            answer["queue_position"] = len(ahead)
+            answer["queue_position"] = self.queue.position(request_id) or 0
         else:  # fal sends the logs only when asked (?logs=1), and null otherwise
             answer["logs"] = list(request.logs) if logs else None
         if request.status == "COMPLETED":
             answer["metrics"] = {"inference_time": request.inference_time} if request.inference_time is not None else {}
             if request.error:
                 answer["error"] = request.error
-                answer["error_type"] = "request_error"
+                answer["error_type"] = request.error_type or "request_error"
         return 200, answer
 
     def result(self, request_id: str) -> tuple[int, Any]:
@@ -308,29 +325,33 @@ class FalEmulator:
         request = self.requests.get(request_id)
         if request is None:
             return 404, {"status": "NOT_FOUND"}
+        if not self.queue.cancel(request_id):
+            return 400, {"status": "ALREADY_COMPLETED"}
         with self._lock:
-            if request.status != "IN_QUEUE":
-                return 400, {"status": "ALREADY_COMPLETED"}
             request.cancelled = True
             request.status = "COMPLETED"
             request.error = "Request was cancelled"
+            request.error_type = "client_cancelled"
+            request.ended_at = time.time()
         return 202, {"status": "CANCELLATION_REQUESTED"}
 
     # -- processing ---------------------------------------------------------------------
 
-    def _run(self, request: QueueRequest) -> None:
+    def _started(self, request_id: str) -> None:
+        """The scheduler gave the request a runner: fetch its input and edit it, off the scheduler's thread."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
         with self._lock:
-            queue_ms, processing_ms = self.faults.queue_ms, self.faults.processing_ms
-        if queue_ms:
-            time.sleep(queue_ms / 1000)
-        with self._lock:
-            if request.cancelled:
-                return
             request.status = "IN_PROGRESS"
+            request.started_at = time.time()
+            processing_ms = self.faults.processing_ms
         request.logs.append({"message": "emulator: editing", "level": "INFO", "timestamp": time.time()})
+        with contextlib.suppress(RuntimeError):  # stopping: the pool takes no more work
+            self._pool.submit(self._run, request, time.monotonic() + processing_ms / 1000)
+
+    def _run(self, request: QueueRequest, done_at: float) -> None:
         started = time.monotonic()
-        if processing_ms:
-            time.sleep(processing_ms / 1000)
         if self._take("error_result"):
             self._finish_error(request, "Internal server error (emulator fault)", {"detail": "the emulator was told to fail this request"})
         else:
@@ -348,12 +369,40 @@ class FalEmulator:
                 )
             except Exception as exc:
                 self._finish_error(request, f"Internal server error: {type(exc).__name__}", {"detail": str(exc)})
-        request.inference_time = round(time.monotonic() - started, 4)
-        self._deliver(request)
+        request.inference_time = round(max(done_at, time.monotonic()) - started, 4)
+        self.queue.finish_at(request.request_id, done_at)
+        remaining = done_at - time.monotonic()
+        if remaining > 0:  # the runner is busy until then; the result is not out before
+            threading.Timer(remaining, self._complete, args=(request,)).start()
+        else:
+            self._complete(request)
+
+    def _complete(self, request: QueueRequest) -> None:
+        with self._lock:
+            request.status = "COMPLETED"
+            request.ended_at = time.time()
+        self.queue.finish(request.request_id)
+        with contextlib.suppress(RuntimeError):
+            self._webhook_pool.submit(self._deliver, request)
+
+    def _start_timed_out(self, request_id: str) -> None:
+        """No runner started it before its X-Fal-Request-Timeout: it ends without running (and is not billed)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        with self._lock:
+            request.error = "Request timed out before it could start (X-Fal-Request-Timeout)"
+            request.error_type = "request_timeout"
+            request.error_payload = {"detail": request.error, "error_type": "request_timeout"}
+            request.status = "COMPLETED"
+            request.ended_at = time.time()
+        with contextlib.suppress(RuntimeError):
+            self._webhook_pool.submit(self._deliver, request)
 
     def _edit(self, request: QueueRequest) -> None:
         body = request.input
         source = self._fetch_input(body["image_url"])
+        request.fetched = describe(source)
         seed = body.get("seed")
         if seed is None:
             seed = random.randrange(0, 2**31)
@@ -389,7 +438,6 @@ class FalEmulator:
                 "has_nsfw_concepts": [False] * len(described),
                 "prompt": ("(enhanced) " if body.get("enhance_prompt") else "") + body["prompt"],
             }
-            request.status = "COMPLETED"
 
     def _fetch_input(self, url: str) -> bytes:
         if url.startswith("data:"):
@@ -406,7 +454,6 @@ class FalEmulator:
         with self._lock:
             request.error = message
             request.error_payload = payload
-            request.status = "COMPLETED"
 
     # -- webhooks ------------------------------------------------------------------------
 
@@ -426,6 +473,8 @@ class FalEmulator:
                 "error": request.error,
                 "payload": request.error_payload,
             }
+            if request.error_type:
+                document["error_type"] = request.error_type
         else:
             document = {
                 "request_id": request.request_id,
@@ -467,6 +516,18 @@ class FalEmulator:
 
 class _InputFetchError(Exception):
     pass
+
+
+def _start_timeout(headers: dict[str, str]) -> float | None:
+    """``X-Fal-Request-Timeout`` in seconds (a time-to-start deadline), if the submit set one."""
+    for name, value in headers.items():
+        if name.lower() == "x-fal-request-timeout":
+            try:
+                seconds = float(value)
+            except ValueError:
+                return None
+            return seconds if seconds > 0 else None
+    return None
 
 
 def _make_handler(emulator: FalEmulator) -> type[BaseHTTPRequestHandler]:
@@ -534,6 +595,10 @@ def _make_handler(emulator: FalEmulator) -> type[BaseHTTPRequestHandler]:
                     except (ValueError, TypeError) as exc:
                         return self._send(400, {"detail": str(exc)})
                     return self._send(200, asdict(emulator.faults))
+                if method == "POST" and parts[1:] == ["concurrency"]:
+                    limit = json.loads(body or b"{}").get("concurrency")
+                    emulator.queue.set_concurrency(int(limit) if limit else None)
+                    return self._send(200, emulator.queue.snapshot())
                 if method == "POST" and parts[1:] == ["reset"]:
                     emulator.reset()
                     return self._send(200, {"reset": True})
