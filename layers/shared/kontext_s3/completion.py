@@ -66,7 +66,8 @@ class CopiedImage:
 class MediaPolicy:
     allowed_urls: Sequence[str]
     max_image_bytes: int
-    timeout_seconds: float = 30.0
+    #: Longest wait for any one read: a stalled host is given up on after this, a trickling one at the deadline.
+    read_timeout_seconds: float = 5.0
     parallel_downloads: int = 4
 
 
@@ -288,11 +289,12 @@ class JobFinisher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeliveryFault(f"output image {index}: no time left to fetch it")
-            timeout = httpx.Timeout(min(self.media.timeout_seconds, remaining), connect=min(5.0, remaining))
+            timeout = httpx.Timeout(min(self.media.read_timeout_seconds, remaining))
             with self.http.stream("GET", url, timeout=timeout, follow_redirects=False) as response:
                 if response.status_code != 200:
                     raise DeliveryFault(f"output image {index}: the media host answered HTTP {response.status_code}")
-                chunks = _until(deadline, index, response.iter_bytes(64 * 1024))
+                # Bytes as they arrive (a chunk size would wait for that many, past any deadline).
+                chunks = _until(deadline, index, response.iter_bytes())
                 head, chunks = _peek(chunks, SNIFF_BYTES)
                 kind = _check_kind(index, head, expected)
                 key = self.layout.image_key(job.output_prefix, index, extension_of(kind))

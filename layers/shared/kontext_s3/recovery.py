@@ -281,7 +281,17 @@ class Cancellation:
             claim = self._finisher.claim(job.job_id, deadline=deadline)
             if claim is None:
                 continue  # its webhook (or recovery) is finishing it
-            if not self._fal.cancel(job.cancel_url, deadline=deadline):
+            try:
+                cancelled_at_fal = self._fal.cancel(job.cancel_url, deadline=deadline)
+            except FalRejected as exc:
+                self._finisher.let_go(claim)
+                # fal does not know the request (404): nothing to cancel; recovery settles the job.
+                logger.warning("input deleted, but fal refused the cancel", extra={"job_id": job.job_id, "reason": str(exc)})
+                continue
+            except FalError:
+                self._finisher.let_go(claim)
+                raise
+            if not cancelled_at_fal:
                 self._finisher.let_go(claim)
                 logger.info("input deleted, but fal had already started the request: it runs to the end", extra={"job_id": job.job_id})
                 continue

@@ -321,15 +321,13 @@ class Submitter:
 
     @staticmethod
     def _jobs_write(write: Any) -> Job | None:
-        """One more try of a jobs-table write after a fault (the SDK has retried already); ``None`` if it still fails."""
-        for attempt in range(2):
-            try:
-                result: Job | None = write()
-                return result
-            except ClientError as exc:
-                logger.warning("jobs table write failed after sending", extra={"reason": str(exc), "attempt": attempt + 1})
-                time.sleep(0.2)
-        return None
+        """A jobs-table write after sending (the SDK retries it); ``None`` when it still fails, which is logged."""
+        try:
+            result: Job | None = write()
+        except ClientError as exc:
+            logger.warning("jobs table write failed after sending", extra={"reason": str(exc)})
+            return None
+        return result
 
     def _resolve_version(self, change: ObjectChange) -> str | None:
         """The version an event without ``versionId`` is about: the one whose eTag it names.

@@ -160,8 +160,12 @@ class WebhookReceiver:
         return WebhookAnswer(200, {"job_id": job.job_id, "state": job.state.value, "note": "already recorded"})
 
 
-def deadline_from(remaining_ms: int, *, margin_seconds: float = 3.0) -> float:
-    """A monotonic deadline that leaves ``margin_seconds`` of the invocation to answer."""
+def deadline_from(remaining_ms: int, *, margin_seconds: float = 8.0) -> float:
+    """A monotonic deadline that leaves ``margin_seconds`` of the invocation to answer.
+
+    The margin covers one media read timing out after the deadline (``MediaPolicy.read_timeout_seconds``)
+    and the answer itself, so fal hears a 5xx before Lambda's timeout cuts us off.
+    """
     return time.monotonic() + max(0.5, remaining_ms / 1000 - margin_seconds)
 
 

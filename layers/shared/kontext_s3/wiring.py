@@ -22,7 +22,8 @@ from kontext_s3.notifications import JobEvents
 from kontext_s3.output_store import OutputLayout
 from kontext_s3.settings import Settings
 
-AWS_CONFIG = Config(retries={"mode": "standard", "max_attempts": 5}, max_pool_connections=20)
+# Attempts per call come from AWS_MAX_ATTEMPTS (the template sets it), so an operator can tune them.
+AWS_CONFIG = Config(retries={"mode": "standard"}, max_pool_connections=20)
 
 
 def s3_client() -> Any:

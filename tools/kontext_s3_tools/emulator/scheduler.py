@@ -60,7 +60,7 @@ class FalQueue:
         self._slots: dict[str, Slot] = {}
         self._line: deque[str] = deque()
         self._running = 0
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timers: list[tuple[float, int, Callable[[], Callable[[], None] | None]]] = []
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._stopped = False
@@ -83,20 +83,10 @@ class FalQueue:
             self._cond.notify_all()
             return len(self._line) - 1
 
-    def finish(self, request_id: str) -> None:
-        """A running request ended (its result is ready): its slot frees."""
+    def finish_at(self, request_id: str, when: float, then: Callable[[], None]) -> None:
+        """At ``when``, the request's slot frees and ``then`` runs (off the lock)."""
         with self._cond:
-            slot = self._slots.get(request_id)
-            if slot is None or slot.state != "IN_PROGRESS":
-                return
-            slot.state = "DONE"
-            self._running -= 1
-            self._note()
-            self._cond.notify_all()
-
-    def finish_at(self, request_id: str, when: float) -> None:
-        with self._cond:
-            self._at(when, lambda: self._finish_locked(request_id))
+            self._at(when, lambda: self._finish_locked(request_id, then))
             self._cond.notify_all()
 
     def cancel(self, request_id: str) -> bool:
@@ -151,15 +141,16 @@ class FalQueue:
 
     # -- the scheduler ---------------------------------------------------------------------
 
-    def _at(self, when: float, action: Callable[[], None]) -> None:
+    def _at(self, when: float, action: Callable[[], Callable[[], None] | None]) -> None:
         heapq.heappush(self._timers, (when, next(self._seq), action))
 
-    def _finish_locked(self, request_id: str) -> None:
+    def _finish_locked(self, request_id: str, then: Callable[[], None]) -> Callable[[], None] | None:
         slot = self._slots.get(request_id)
         if slot is not None and slot.state == "IN_PROGRESS":
             slot.state = "DONE"
             self._running -= 1
             self._note()
+        return then
 
     def _note(self) -> None:
         open_now = self._running + len(self._line)
@@ -171,12 +162,15 @@ class FalQueue:
         while True:
             starting: list[str] = []
             timed_out: list[str] = []
+            callbacks: list[Callable[[], None]] = []
             with self._cond:
                 if self._stopped:
                     return
                 now = self._clock()
                 while self._timers and self._timers[0][0] <= now:
-                    heapq.heappop(self._timers)[2]()
+                    callback = heapq.heappop(self._timers)[2]()
+                    if callback is not None:
+                        callbacks.append(callback)
                 for request_id in [r for r in self._line if (d := self._slots[r].start_deadline) is not None and d <= now]:
                     self._line.remove(request_id)
                     self._slots[request_id].state = "DONE"
@@ -192,10 +186,12 @@ class FalQueue:
                     starting.append(head.request_id)
                 if starting or timed_out:
                     self._note()
-                else:
+                elif not callbacks:
                     wait = (self._timers[0][0] - now) if self._timers else None
                     self._cond.wait(timeout=wait)
                     continue
+            for callback in callbacks:
+                callback()
             for request_id in timed_out:
                 self._on_start_timeout(request_id)
             for request_id in starting:

@@ -103,6 +103,8 @@ class QueueRequest:
     ended_at: float | None = None
     inference_time: float | None = None
     error_type: str | None = None
+    #: How long the runner takes once started (the standing ``processing_ms`` fault when it was submitted).
+    processing_ms: int = 0
     #: The input the runner fetched when the request started: width, height, format, EXIF orientation.
     fetched: dict[str, Any] | None = None
 
@@ -276,6 +278,7 @@ class FalEmulator:
         with self._lock:
             self.requests[request_id] = request
             queue_ms = self.faults.queue_ms
+            request.processing_ms = self.faults.processing_ms
         position = self.queue.enqueue(request_id, queue_ms=queue_ms, start_timeout=_start_timeout(headers))
         self._log(f"submitted {request_id} webhook={webhook_url}")
         if self._take("submit_500_enqueued"):
@@ -345,10 +348,9 @@ class FalEmulator:
         with self._lock:
             request.status = "IN_PROGRESS"
             request.started_at = time.time()
-            processing_ms = self.faults.processing_ms
         request.logs.append({"message": "emulator: editing", "level": "INFO", "timestamp": time.time()})
         with contextlib.suppress(RuntimeError):  # stopping: the pool takes no more work
-            self._pool.submit(self._run, request, time.monotonic() + processing_ms / 1000)
+            self._pool.submit(self._run, request, time.monotonic() + request.processing_ms / 1000)
 
     def _run(self, request: QueueRequest, done_at: float) -> None:
         started = time.monotonic()
@@ -370,18 +372,13 @@ class FalEmulator:
             except Exception as exc:
                 self._finish_error(request, f"Internal server error: {type(exc).__name__}", {"detail": str(exc)})
         request.inference_time = round(max(done_at, time.monotonic()) - started, 4)
-        self.queue.finish_at(request.request_id, done_at)
-        remaining = done_at - time.monotonic()
-        if remaining > 0:  # the runner is busy until then; the result is not out before
-            threading.Timer(remaining, self._complete, args=(request,)).start()
-        else:
-            self._complete(request)
+        # The runner is busy until then, and the result is not out before.
+        self.queue.finish_at(request.request_id, done_at, then=lambda: self._complete(request))
 
     def _complete(self, request: QueueRequest) -> None:
         with self._lock:
             request.status = "COMPLETED"
             request.ended_at = time.time()
-        self.queue.finish(request.request_id)
         with contextlib.suppress(RuntimeError):
             self._webhook_pool.submit(self._deliver, request)
 
