@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -10,6 +11,7 @@ import pytest
 from kontext_s3.webhook_signature import JwksCache, JwksUnavailable, SignatureError, verify_fal_webhook
 from kontext_s3_tools.emulator import FalEmulator, WebhookSigner
 from kontext_s3_tools.local_stack import free_port
+from tests.adversarial.hostile import Reply, ScriptedHost
 
 
 class Clock:
@@ -97,3 +99,16 @@ def test_unreachable_keys_are_unavailable_not_invalid() -> None:
     headers, body = signed(WebhookSigner())
     with pytest.raises(JwksUnavailable):
         verify_fal_webhook(headers, body, jwks)
+
+
+def test_a_jwks_key_written_with_base64_padding_verifies() -> None:
+    signer = WebhookSigner()
+    jwk = signer.jwk()
+    padded = {**jwk, "x": jwk["x"] + "=" * (-len(jwk["x"]) % 4)}
+    assert padded["x"].endswith("=")  # a 32-byte key is 43 characters unpadded
+    host = ScriptedHost(lambda _: Reply(200, json.dumps({"keys": [padded]}).encode(), {"Content-Type": "application/json"}))
+    try:
+        jwks = JwksCache(httpx.Client(), f"{host.url}/.well-known/jwks.json")
+        assert verify_fal_webhook(*signed(signer), jwks).request_id == "r1"
+    finally:
+        host.stop()

@@ -144,3 +144,10 @@ def test_reserved_tags_leave_room_for_the_users_own() -> None:
 def test_unknown_fields_are_refused_when_encoding() -> None:
     with pytest.raises(TagEncodingError, match="image_url"):
         encode_tags({"prompt": "x", "image_url": "https://example.com"})
+
+
+def test_the_tagging_header_encodes_spaces_as_percent_20() -> None:
+    # S3 documents URL-query encoding for x-amz-tagging; "+" is a literal plus in tag values.
+    header = tagging_header({"prompt": "make it blue + gold", "seed": "1"})
+    assert header == "prompt=make%20it%20blue%20%2B%20gold&seed=1"
+    assert parse_tagging_header(header) == {"prompt": "make it blue + gold", "seed": "1"}
