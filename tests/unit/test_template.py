@@ -10,7 +10,7 @@ import pytest
 
 from kontext_s3.model_schema import OPTIONAL_TAG_FIELDS
 from kontext_s3.settings import Settings
-from kontext_s3_tools.local_stack import load_template
+from kontext_s3_tools.local_stack import ROOT, load_template
 
 TEMPLATE = load_template()
 RESOURCES: dict[str, Any] = TEMPLATE["Resources"]
@@ -79,7 +79,9 @@ def test_the_webhook_is_a_public_function_url_that_checks_signatures_itself() ->
 
 def test_the_layer_is_built_for_python_313_on_arm64() -> None:
     layer = RESOURCES["SharedLayer"]
-    assert layer["Metadata"] == {"BuildMethod": "python3.13", "BuildArchitecture": "arm64"}
+    assert layer["Metadata"] == {"BuildMethod": "makefile", "BuildArchitecture": "arm64"}
+    makefile = (ROOT / "layers" / "shared" / "Makefile").read_text()
+    assert "LAYER_PLATFORM ?= manylinux2014_aarch64" in makefile and "--python-version 3.13" in makefile
     assert TEMPLATE["Globals"]["Function"]["Runtime"] == "python3.13"
     assert TEMPLATE["Globals"]["Function"]["Architectures"] == ["arm64"]
 

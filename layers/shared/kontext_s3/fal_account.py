@@ -18,13 +18,13 @@ from botocore.exceptions import ClientError
 from kontext_s3.jobs import iso, now_ms
 
 if TYPE_CHECKING:
-    from mypy_boto3_dynamodb.service_resource import Table
+    from kontext_s3.dynamo import TableLike
 
 PIN_ID = "_fal-account"
 
 
 class FalAccount:
-    def __init__(self, table: Table, *, configured_user_id: str = "") -> None:
+    def __init__(self, table: TableLike, *, configured_user_id: str = "") -> None:
         self._table = table
         self._known = configured_user_id or None
         self._configured = bool(configured_user_id)

@@ -43,12 +43,11 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from mypy_boto3_dynamodb.service_resource import Table
+    from kontext_s3.dynamo import TableLike
 
 OPEN_JOBS_INDEX = "open-jobs"
 #: Partitions per open state in the index; a job's shard comes from its id.
@@ -169,7 +168,7 @@ def open_shard(state: str, job_id: str) -> str:
 
 
 class JobStore:
-    def __init__(self, table: Table, *, ttl_days: int = 30) -> None:
+    def __init__(self, table: TableLike, *, ttl_days: int = 30) -> None:
         self.table = table
         self._table = table
         self._ttl_seconds = ttl_days * 86400
@@ -186,10 +185,11 @@ class JobStore:
         for shard in range(OPEN_SHARDS):
             page = self._table.query(
                 IndexName=OPEN_JOBS_INDEX,
-                KeyConditionExpression=Key("open_shard").eq(f"{state}#{shard}") & Key("open_order").lt(checked_before_ms),
+                KeyConditionExpression="open_shard = :shard AND open_order < :before",
+                ExpressionAttributeValues={":shard": f"{state}#{shard}", ":before": checked_before_ms},
                 Limit=limit,
             )
-            heads.append([(int(item["open_order"]), str(item["job_id"])) for item in page.get("Items", [])])  # type: ignore[arg-type]
+            heads.append([(int(item["open_order"]), str(item["job_id"])) for item in page.get("Items", [])])
         return [job_id for _, job_id in heapq.merge(*heads)][:limit]
 
     def touch(self, job: Job) -> None:
