@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from types import ModuleType
 
+import boto3
 import pytest
 
 from kontext_s3_tools.emulator import FalEmulator
@@ -47,6 +48,8 @@ def load_handler(monkeypatch: pytest.MonkeyPatch) -> Callable[..., ModuleType]:
     def load(name: str, environment: dict[str, str]) -> ModuleType:
         for key, value in environment.items():
             monkeypatch.setenv(key, value)
+        # A cold start is a new process: boto3's default session (and the configuration it resolved) starts afresh.
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
         module_name = f"kontext_test_{name}_{uuid.uuid4().hex[:8]}"
         spec = importlib.util.spec_from_file_location(module_name, ROOT / "functions" / name / "app.py")
         assert spec and spec.loader

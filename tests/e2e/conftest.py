@@ -12,7 +12,11 @@ from kontext_s3_tools.local_stack import LocalStack
 @pytest.fixture(scope="package")
 def running_stack() -> Iterator[LocalStack]:
     stack = LocalStack(
-        max_receive_count=3, submit_timeout_seconds=6.0, submit_concurrency=2, webhook_attempts=4, webhook_backoff_seconds=0.1
+        max_receive_count=3,
+        submit_timeout_seconds=8.0,
+        parameters={"SubmitMaxConcurrency": "2"},
+        webhook_attempts=4,
+        webhook_backoff_seconds=0.1,
     ).start()
     yield stack
     stack.stop()

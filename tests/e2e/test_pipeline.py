@@ -229,7 +229,8 @@ def test_the_cli_finds_the_bucket_and_table_in_the_stack_outputs(
         "Outputs": {name: {"Value": value} for name, value in outputs.items()},
     }
     stack.client("cloudformation").create_stack(StackName="kontext-s3-cli-test", TemplateBody=json.dumps(template))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", stack.moto.url)
+    for name, value in stack.cli_environment().items():
+        monkeypatch.setenv(name, value)  # the stack's endpoint and administrator credentials
     for name in ("KONTEXT_S3_BUCKET", "KONTEXT_S3_TABLE"):
         monkeypatch.delenv(name, raising=False)
     image = image_file(tmp_path, "stacked.jpg")

@@ -67,14 +67,14 @@ def test_only_one_create_wins(aws: Aws) -> None:
 
 
 def test_a_retried_create_whose_first_attempt_landed_is_still_ours(aws: Aws) -> None:
-    store = JobStore(AnswerLostOnce(aws.table()))  # type: ignore[arg-type]
+    store = JobStore(AnswerLostOnce(aws.table()))
     job = new_job(store)
     assert job is not None and job.state is JobState.SUBMITTING
     assert new_job(JobStore(aws.table())) is None  # and it is still a duplicate for anyone else
 
 
 def test_a_retried_transition_whose_first_attempt_landed_is_still_ours(aws: Aws) -> None:
-    store = JobStore(AnswerLostOnce(aws.table()))  # type: ignore[arg-type]
+    store = JobStore(AnswerLostOnce(aws.table()))
     job = submitted(store)
     assert job.state is JobState.SUBMITTED
     claim = store.claim(job.job_id, "finisher", hold_ms=10_000)

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
+from kontext_s3.dynamo import Table
 from kontext_s3.job_id import derive_job_id
 from kontext_s3.jobs import Job, JobStore
 from kontext_s3.model_schema import OPTIONAL_TAG_FIELDS, KontextMaxInput, describe_validation_error
@@ -48,18 +50,30 @@ class Target:
     output_prefix: str = "outputs/"
     endpoint_url: str | None = None
     region: str | None = None
+    #: Explicit credentials (the local stack's administrator); None: boto3's usual chain.
+    credentials: Credentials | None = None
 
     @property
     def layout(self) -> OutputLayout:
         return OutputLayout(self.input_prefix, self.output_prefix)
 
+    def _session(self) -> boto3.session.Session:
+        if self.credentials is None:
+            return boto3.session.Session(region_name=self.region)
+        return boto3.session.Session(
+            aws_access_key_id=self.credentials.access_key,
+            aws_secret_access_key=self.credentials.secret_key,
+            aws_session_token=self.credentials.token,
+            region_name=self.region,
+        )
+
     def client(self, service: str) -> Any:
-        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region)  # type: ignore[call-overload]
+        return self._session().client(service, endpoint_url=self.endpoint_url)  # type: ignore[call-overload]
 
     def jobs(self) -> JobStore | None:
         if not self.table:
             return None
-        return JobStore(boto3.resource("dynamodb", endpoint_url=self.endpoint_url, region_name=self.region).Table(self.table))
+        return JobStore(Table(self.client("dynamodb"), self.table))
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def _image(index: int) -> bytes:
 
 
 def run(uploads: int, *, concurrency: int, uploaders: int, num_images: int, faults: dict[str, int], timeout: float) -> dict[str, Any]:
-    stack = LocalStack(submit_concurrency=concurrency, max_receive_count=5).start()
+    stack = LocalStack(parameters={"SubmitMaxConcurrency": str(concurrency)}, max_receive_count=5, recovery_interval_seconds=None).start()
     try:
         stack.emulator.set_faults(**faults)
         target = stack.target()

@@ -1,25 +1,32 @@
-"""The whole pipeline on one machine: moto in server mode, the fal emulator, the real handlers.
+"""The whole pipeline on one machine, deployed from ``template.yaml``: moto, the fal emulator, the built functions.
 
-* AWS is a ``moto`` server in its own process; everything talks to it over
-  HTTP through ``AWS_ENDPOINT_URL``, exactly as boto3 talks to AWS.
-* What ``template.yaml`` creates is created from the template itself: the jobs
-  table's keys and index, the queue's redrive count, the bucket's notification
-  prefixes and events, the parameters' defaults.
-* The submit handler runs on SQS messages received from moto and shaped as
-  Lambda's SQS event; failed records come back as Lambda's event source mapping
-  would bring them back (after a short, local visibility delay).
-* The webhook handler is served over HTTP, each request shaped as a Lambda
-  Function URL event (payload format 2.0).
-* The handlers are the production modules, configured only by environment.
+* AWS is a ``moto`` server in its own process, behind the AWS gateway
+  (:mod:`kontext_s3_tools.aws_gateway`); everything talks to it over HTTP
+  through ``AWS_ENDPOINT_URL``, as boto3 talks to AWS.
+* What ``template.yaml`` declares is created from the template itself, as
+  CloudFormation would create it: SAM's translator turns it into
+  CloudFormation and :mod:`kontext_s3_tools.template_model` resolves it. The
+  table with its keys, indexes and TTL; the queues and their redrive; the
+  bucket and its notifications; the secret; each function's role with its
+  policies; each function's handler, environment, timeout, memory and
+  concurrency; the SQS event source mapping with its batch settings; the
+  Function URL; the recovery schedule. The only local choices are parameter
+  values (fal's URLs are the emulator's, thresholds are seconds), and a few
+  stand-ins for what moto cannot run, listed in :data:`NOT_EMULATED`.
+* The functions run from the built artifact (``make build-host``: the layout
+  ``sam build`` makes, for this machine's architecture), on python3.13, on a
+  read-only mount, each with credentials of its own role. moto enforces those
+  roles for S3 and SQS; the gateway judges the other services' calls.
+* Lambda's SQS event source mapping, Function URL and scheduler are stood in
+  for by :class:`SqsPoller`, :class:`FunctionUrlServer` and a timer.
 """
 
 from __future__ import annotations
 
 import base64
-import importlib.util
-import itertools
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -32,21 +39,36 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import boto3
+import httpx
 import yaml
+from botocore.credentials import Credentials
 
+from kontext_s3.dynamo import Table
 from kontext_s3.jobs import JobStore
+from kontext_s3_tools.aws_gateway import AwsGateway, Identity
 from kontext_s3_tools.cli import Target
 from kontext_s3_tools.emulator import FalEmulator
+from kontext_s3_tools.iam_policy import statements_of
+from kontext_s3_tools.lambda_runtime import FunctionSpec, LocalFunction, Throttled, find_python313, read_only_mounts_available
+from kontext_s3_tools.template_model import ACCOUNT, REGION, Stack, source_logical_id, translate
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
-REGION = "us-east-1"
-ACCOUNT = "123456789012"
+HOST_BUILD = ROOT / ".aws-sam" / "build-host"
+
+#: Resources the local stack does not create, and why.
+NOT_EMULATED = {
+    "AWS::CloudWatch::Alarm": "no CloudWatch alarms locally (their metrics are in the function logs)",
+    "AWS::CloudWatch::Dashboard": "no dashboard locally",
+    "AWS::Logs::LogGroup": "function logs go to files under the stack's log directory",
+    "AWS::Lambda::Permission": "the local Function URL and scheduler call the function directly",
+    "AWS::S3::BucketPolicy": "the TLS-only policy would refuse the local stack's plain-HTTP endpoint",
+    "AWS::SNS::Topic": "alarms are not emulated",
+}
 
 
 # -- template ----------------------------------------------------------------------------
@@ -70,13 +92,10 @@ _CfnLoader.add_multi_constructor("!", _cfn_tag)
 
 
 def load_template(path: Path = TEMPLATE) -> dict[str, Any]:
+    """template.yaml as written (short-form tags kept), for tests of the template's text."""
     with path.open(encoding="utf-8") as handle:
         document: dict[str, Any] = yaml.load(handle, Loader=_CfnLoader)  # noqa: S506 - a SafeLoader subclass
     return document
-
-
-def parameter_defaults(template: dict[str, Any]) -> dict[str, str]:
-    return {name: str(spec.get("Default", "")) for name, spec in template["Parameters"].items()}
 
 
 # -- processes and clients ------------------------------------------------------------------
@@ -99,6 +118,8 @@ class MotoServer:
     def start(self, timeout: float = 30.0) -> MotoServer:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            # AWS's managed policies (AWSLambdaBasicExecutionRole ...), which SAM attaches to function roles.
+            env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -114,6 +135,13 @@ class MotoServer:
         self.stop()
         raise RuntimeError(f"moto server did not listen on port {self.port} within {timeout} s")
 
+    def enforce_iam(self) -> None:
+        """From now on every request needs valid credentials, and IAM policies decide (moto's INITIAL_NO_AUTH_ACTION_COUNT)."""
+        httpx.post(f"{self.url}/moto-api/reset-auth", content=b"0", timeout=10).raise_for_status()
+
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
     def stop(self) -> None:
         if self._process and self._process.poll() is None:
             self._process.terminate()
@@ -123,27 +151,52 @@ class MotoServer:
                 self._process.kill()
 
 
-def aws_session() -> boto3.session.Session:
-    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
+TEST_CREDENTIALS = Credentials("testing", "testing", "testing")
 
 
-def aws_environment(endpoint: str) -> dict[str, str]:
-    """What makes boto3, in any process, talk to the moto server instead of AWS."""
-    return {
+def aws_session(credentials: Credentials = TEST_CREDENTIALS) -> boto3.session.Session:
+    return boto3.session.Session(
+        aws_access_key_id=credentials.access_key,
+        aws_secret_access_key=credentials.secret_key,
+        aws_session_token=credentials.token,
+        region_name=REGION,
+    )
+
+
+def aws_environment(endpoint: str, credentials: Credentials = TEST_CREDENTIALS) -> dict[str, str]:
+    """What makes boto3, in any process, talk to the local endpoint instead of AWS."""
+    env = {
         "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
+        "AWS_ACCESS_KEY_ID": credentials.access_key,
+        "AWS_SECRET_ACCESS_KEY": credentials.secret_key,
         "AWS_DEFAULT_REGION": REGION,
         "AWS_REGION": REGION,
     }
+    if credentials.token:
+        env["AWS_SESSION_TOKEN"] = credentials.token
+    return env
 
 
-# -- resources ----------------------------------------------------------------------------
+def local_parameters(emulator: FalEmulator, **overrides: str) -> dict[str, str]:
+    """The template parameters that differ locally: fal is the emulator, and thresholds are seconds, not minutes."""
+    return {
+        "FalQueueUrl": emulator.base_url,
+        "FalJwksUrl": emulator.jwks_url,
+        "AllowedMediaUrls": emulator.files_url,
+        "RecoveryAfterSeconds": "5",
+        "JobMaxAgeSeconds": "600",
+        **overrides,
+    }
+
+
+# -- deploying the template into moto ----------------------------------------------------------
 
 
 @dataclass
 class Resources:
+    """What a deployment created, by the names tests and tools use."""
+
+    stack: Stack
     bucket: str
     table: str
     queue_url: str
@@ -155,6 +208,159 @@ class Resources:
     input_prefix: str
     output_prefix: str
     max_receive_count: int
+    admin: Credentials = TEST_CREDENTIALS
+    roles: dict[str, str] = field(default_factory=dict)  # function logical id -> role ARN
+
+    def function_ids(self) -> list[str]:
+        return [logical_id for logical_id, _ in self.stack.of_type("AWS::Lambda::Function")]
+
+
+def _physical_name(stack: str, logical_id: str, limit: int = 64) -> str:
+    return f"{stack}-{logical_id}-{uuid.uuid4().hex[:8]}"[-limit:].lstrip("-")
+
+
+class _Deployer:
+    """Creates each resource of the translated template in moto, when it is first referenced."""
+
+    def __init__(self, endpoint: str, *, credentials: Credentials, fal_key: str, function_urls: Mapping[str, str]) -> None:
+        session = aws_session(credentials)
+        self.endpoint = endpoint
+        # Typed loosely: the template's properties are passed through as CloudFormation gives them.
+        self.s3: Any = session.client("s3", endpoint_url=endpoint)
+        self.sqs: Any = session.client("sqs", endpoint_url=endpoint)
+        self.ddb: Any = session.client("dynamodb", endpoint_url=endpoint)
+        self.secrets: Any = session.client("secretsmanager", endpoint_url=endpoint)
+        self.iam: Any = session.client("iam", endpoint_url=endpoint)
+        self.fal_key = fal_key
+        self.function_urls = function_urls
+        # The deploying identity assumes the function roles locally (moto checks trust by exact principal).
+        self.trusted_principal = session.client("sts", endpoint_url=endpoint).get_caller_identity()["Arn"]
+        self.stack: Stack | None = None
+
+    def __call__(self, logical_id: str, resource: dict[str, Any]) -> dict[str, Any]:
+        assert self.stack is not None
+        stack = self.stack
+        kind = resource["Type"]
+        name = _physical_name(stack.name, logical_id)
+        if kind in NOT_EMULATED or kind in ("AWS::Lambda::EventSourceMapping", "AWS::Scheduler::Schedule"):
+            return {"Ref": name}
+        props = stack.properties(logical_id)
+        if kind == "AWS::SecretsManager::Secret":
+            arn = self.secrets.create_secret(Name=name, SecretString=props.get("SecretString") or self.fal_key)["ARN"]
+            return {"Ref": arn, "Id": arn}
+        if kind == "AWS::DynamoDB::Table":
+            table = props.get("TableName") or name
+            self.ddb.create_table(
+                TableName=table,
+                BillingMode=props.get("BillingMode", "PAY_PER_REQUEST"),
+                AttributeDefinitions=props["AttributeDefinitions"],
+                KeySchema=props["KeySchema"],
+                **({"GlobalSecondaryIndexes": props["GlobalSecondaryIndexes"]} if props.get("GlobalSecondaryIndexes") else {}),
+            )
+            ttl = props.get("TimeToLiveSpecification")
+            if ttl and ttl.get("Enabled"):
+                self.ddb.update_time_to_live(TableName=table, TimeToLiveSpecification=ttl)
+            return {"Ref": table, "Arn": f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{table}"}
+        if kind == "AWS::SQS::Queue":
+            attributes = {k: str(v) for k, v in props.items() if k in ("VisibilityTimeout", "MessageRetentionPeriod", "DelaySeconds")}
+            if "RedrivePolicy" in props:
+                attributes["RedrivePolicy"] = json.dumps(props["RedrivePolicy"])
+            url = self.sqs.create_queue(QueueName=props.get("QueueName") or name, Attributes=attributes)["QueueUrl"]
+            arn = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            return {"Ref": url, "Arn": arn, "QueueName": arn.rsplit(":", 1)[-1], "QueueUrl": url}
+        if kind == "AWS::SQS::QueuePolicy":
+            for url in props["Queues"]:
+                self.sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(props["PolicyDocument"])})
+            return {"Ref": name}
+        if kind == "AWS::S3::Bucket":
+            return self._bucket(props, name)
+        if kind == "AWS::IAM::Role":
+            return self._role(props, name)
+        if kind == "AWS::Lambda::LayerVersion":
+            source = source_logical_id(logical_id, resource)
+            return {"Ref": f"arn:aws:lambda:{REGION}:{ACCOUNT}:layer:{source}:1", "SourceId": source}
+        if kind == "AWS::Lambda::Function":
+            function_name = props.get("FunctionName") or name
+            return {"Ref": function_name, "Arn": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{function_name}"}
+        if kind == "AWS::Lambda::Url":
+            # Resolving TargetFunctionArn created the target; find it among what exists.
+            target = next(
+                lid
+                for lid in self.function_urls
+                if lid in stack.physical and props["TargetFunctionArn"] in (stack.physical[lid]["Arn"], stack.physical[lid]["Ref"])
+            )
+            return {"Ref": name, "FunctionUrl": self.function_urls[target].rstrip("/") + "/", "FunctionArn": props["TargetFunctionArn"]}
+        raise NotImplementedError(f"the local stack cannot create {kind} ({logical_id}); add it to NOT_EMULATED with the reason")
+
+    def _bucket(self, props: dict[str, Any], name: str) -> dict[str, Any]:
+        bucket = props.get("BucketName") or name.lower()
+        self.s3.create_bucket(Bucket=bucket)
+        if props.get("VersioningConfiguration"):
+            self.s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": props["VersioningConfiguration"]["Status"]})
+        encryption = props.get("BucketEncryption", {}).get("ServerSideEncryptionConfiguration")
+        if encryption:
+            rules = [{"ApplyServerSideEncryptionByDefault": r["ServerSideEncryptionByDefault"]} for r in encryption]
+            self.s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={"Rules": rules})
+        queues = props.get("NotificationConfiguration", {}).get("QueueConfigurations", [])
+        if queues:
+            self.s3.put_bucket_notification_configuration(
+                Bucket=bucket,
+                NotificationConfiguration={
+                    "QueueConfigurations": [
+                        {
+                            "QueueArn": config["Queue"],
+                            "Events": [config["Event"]],
+                            **({"Filter": {"Key": {"FilterRules": config["Filter"]["S3Key"]["Rules"]}}} if "Filter" in config else {}),
+                        }
+                        for config in queues
+                    ]
+                },
+            )
+        return {"Ref": bucket, "Arn": f"arn:aws:s3:::{bucket}", "DomainName": f"{bucket}.s3.amazonaws.com"}
+
+    def _role(self, props: dict[str, Any], name: str) -> dict[str, Any]:
+        role = props.get("RoleName") or name
+        # moto cannot evaluate a service principal (lambda.amazonaws.com) when a role is assumed, so locally the
+        # stack's account assumes each role for its functions, as the Lambda service does on AWS.
+        trust = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"AWS": self.trusted_principal}, "Action": "sts:AssumeRole"}],
+        }
+        arn = self.iam.create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+        for policy in props.get("Policies", []):
+            # SAM writes some generated policies (the scheduler's) without a Version; IAM defaults it, moto refuses it.
+            document = {"Version": "2012-10-17", **policy["PolicyDocument"]}
+            self.iam.put_role_policy(RoleName=role, PolicyName=policy["PolicyName"], PolicyDocument=json.dumps(document))
+        for managed in props.get("ManagedPolicyArns", []):
+            self.iam.attach_role_policy(RoleName=role, PolicyArn=managed)
+        return {"Ref": role, "Arn": arn, "RoleId": role}
+
+    def role_statements(self, role: str) -> list[dict[str, Any]]:
+        """Every statement of a role's policies, inline and managed."""
+        statements: list[dict[str, Any]] = []
+        for policy_name in self.iam.list_role_policies(RoleName=role)["PolicyNames"]:
+            document = self.iam.get_role_policy(RoleName=role, PolicyName=policy_name)["PolicyDocument"]
+            statements.extend(statements_of(json.loads(document) if isinstance(document, str) else document))
+        for attached in self.iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"]:
+            policy = self.iam.get_policy(PolicyArn=attached["PolicyArn"])["Policy"]
+            version = self.iam.get_policy_version(PolicyArn=attached["PolicyArn"], VersionId=policy["DefaultVersionId"])
+            document = version["PolicyVersion"]["Document"]
+            statements.extend(statements_of(json.loads(document) if isinstance(document, str) else document))
+        return statements
+
+
+def _admin(endpoint: str) -> Credentials:
+    """An administrator of the local account, made while moto still lets anyone in."""
+    iam = aws_session().client("iam", endpoint_url=endpoint)
+    user = f"local-admin-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(
+        UserName=user,
+        PolicyName="everything",
+        PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}),
+    )
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    return Credentials(key["AccessKeyId"], key["SecretAccessKey"])
 
 
 def provision(
@@ -163,167 +369,91 @@ def provision(
     fal_key: str,
     name: str | None = None,
     max_receive_count: int | None = None,
-    visibility_timeout: int = 30,
-    template: dict[str, Any] | None = None,
+    parameters: Mapping[str, str] | None = None,
+    template: Path | str = TEMPLATE,
+    function_urls: Mapping[str, str] | None = None,
+    credentials: Credentials = TEST_CREDENTIALS,
 ) -> Resources:
-    """Create the template's bucket, queues, table, secret and event bus in the moto server at ``endpoint``."""
-    template = template or load_template()
-    params = parameter_defaults(template)
-    resources = template["Resources"]
-    name = name or f"kontext-{uuid.uuid4().hex[:8]}"
-    session = aws_session()
-    s3 = session.client("s3", endpoint_url=endpoint)
-    sqs = session.client("sqs", endpoint_url=endpoint)
-    ddb = session.client("dynamodb", endpoint_url=endpoint)
-    secrets = session.client("secretsmanager", endpoint_url=endpoint)
+    """Deploy ``template`` into the moto server at ``endpoint``: every resource it declares that moto can hold."""
+    name = name or f"kx{uuid.uuid4().hex[:8]}"
+    session = aws_session(credentials)
     events = session.client("events", endpoint_url=endpoint)
-
-    receive_count = max_receive_count or int(params["MaxReceiveCount"])
-    dlq_url = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    queue_url = sqs.create_queue(
-        QueueName=f"{name}-uploads",
-        Attributes={
-            "VisibilityTimeout": str(visibility_timeout),
-            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": receive_count}),
-        },
-    )["QueueUrl"]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-
-    table_spec = resources["JobsTable"]["Properties"]
-    ddb.create_table(
-        TableName=f"{name}-jobs",
-        BillingMode=table_spec["BillingMode"],
-        AttributeDefinitions=table_spec["AttributeDefinitions"],
-        KeySchema=table_spec["KeySchema"],
-        GlobalSecondaryIndexes=table_spec["GlobalSecondaryIndexes"],
-    )
-    ddb.update_time_to_live(
-        TableName=f"{name}-jobs",
-        TimeToLiveSpecification={"AttributeName": table_spec["TimeToLiveSpecification"]["AttributeName"], "Enabled": True},
-    )
-
-    bucket = f"{name}-bucket"
-    bucket_spec = resources["InputBucket"]["Properties"]
-    s3.create_bucket(Bucket=bucket)
-    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": bucket_spec["VersioningConfiguration"]["Status"]})
-    s3.put_bucket_encryption(
-        Bucket=bucket,
-        ServerSideEncryptionConfiguration={"Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]},
-    )
-    input_prefix, output_prefix = params["InputPrefix"], params["OutputPrefix"]
-    notifications: list[Any] = [
-        {
-            "QueueArn": queue_arn,
-            "Events": [config["Event"]],
-            "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": input_prefix}]}},
-        }
-        for config in bucket_spec["NotificationConfiguration"]["QueueConfigurations"]
-    ]
-    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"QueueConfigurations": notifications})
-
-    secret_arn = secrets.create_secret(Name=f"{name}/fal-key", SecretString=fal_key)["ARN"]
-
+    sqs = session.client("sqs", endpoint_url=endpoint)
+    # Each local stack gets its own bus, so stacks sharing one moto server do not see each other's events.
     bus = f"{name}-bus"
     events.create_event_bus(Name=bus)
+    values = {"EventBusName": bus, **(parameters or {})}
+    if max_receive_count is not None:
+        values["MaxReceiveCount"] = str(max_receive_count)
+    cfn = translate(Path(template) if isinstance(template, str) and "\n" not in template else template, values)
+    deployer = _Deployer(endpoint, credentials=credentials, fal_key=fal_key, function_urls=function_urls or {})
+    stack = Stack(cfn, name=name, parameters=values, create=deployer)
+    deployer.stack = stack
+    functions = [logical_id for logical_id, _ in stack.of_type("AWS::Lambda::Function")]
+    if not function_urls:
+        deployer.function_urls = {logical_id: f"http://127.0.0.1:9/{logical_id}" for logical_id in functions}
+    for logical_id in stack.resources:
+        if stack.included(logical_id):
+            stack.ensure(logical_id)
+    # Observing the stack's events locally: a rule on its bus to a queue tests and tools read.
     events_queue_url = sqs.create_queue(QueueName=f"{name}-events")["QueueUrl"]
     events_queue_arn = sqs.get_queue_attributes(QueueUrl=events_queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    events.put_rule(Name=f"{name}-ended-jobs", EventBusName=bus, EventPattern=json.dumps({"source": ["kontext-s3"]}))
-    events.put_targets(Rule=f"{name}-ended-jobs", EventBusName=bus, Targets=[{"Id": "local-queue", "Arn": events_queue_arn}])
+    events.put_rule(Name=f"{name}-observe", EventBusName=bus, EventPattern=json.dumps({"source": [{"prefix": ""}]}))
+    events.put_targets(Rule=f"{name}-observe", EventBusName=bus, Targets=[{"Id": "observer", "Arn": events_queue_arn}])
 
-    return Resources(
-        bucket=bucket,
-        table=f"{name}-jobs",
-        queue_url=queue_url,
-        queue_arn=queue_arn,
-        dlq_url=dlq_url,
-        secret_arn=secret_arn,
+    def first(kind: str, where: Callable[[dict[str, Any]], bool] = lambda _: True) -> str:
+        return next(lid for lid, res in stack.of_type(kind) if where(res))
+
+    uploads = first("AWS::SQS::Queue", lambda res: "RedrivePolicy" in res.get("Properties", {}))
+    dlq = first("AWS::SQS::Queue", lambda res: "RedrivePolicy" not in res.get("Properties", {}))
+    resources = Resources(
+        stack=stack,
+        bucket=stack.ensure(first("AWS::S3::Bucket"))["Ref"],
+        table=stack.ensure(first("AWS::DynamoDB::Table"))["Ref"],
+        queue_url=stack.ensure(uploads)["Ref"],
+        queue_arn=stack.ensure(uploads)["Arn"],
+        dlq_url=stack.ensure(dlq)["Ref"],
+        secret_arn=stack.ensure(first("AWS::SecretsManager::Secret"))["Ref"],
         event_bus=bus,
         events_queue_url=events_queue_url,
-        input_prefix=input_prefix,
-        output_prefix=output_prefix,
-        max_receive_count=receive_count,
+        input_prefix=stack.parameters["InputPrefix"],
+        output_prefix=stack.parameters["OutputPrefix"],
+        max_receive_count=int(stack.parameters["MaxReceiveCount"]),
+        admin=credentials,
     )
+    for logical_id in functions:
+        resources.roles[logical_id] = stack.properties(logical_id)["Role"]
+    resources.__dict__["_deployer"] = deployer
+    return resources
 
 
-def function_environment(resources: Resources, *, emulator: FalEmulator, webhook_url: str, aws_endpoint: str) -> dict[str, str]:
-    """The environment variables the template gives the functions, with local values."""
-    return {
-        **aws_environment(aws_endpoint),
-        "JOBS_TABLE": resources.table,
-        "INPUT_BUCKET": resources.bucket,
-        "INPUT_PREFIX": resources.input_prefix,
-        "OUTPUT_PREFIX": resources.output_prefix,
-        "FAL_QUEUE_URL": emulator.base_url,
-        "FAL_KEY_SECRET_ARN": resources.secret_arn,
-        "EVENT_BUS_NAME": resources.event_bus,
-        "WEBHOOK_URL": webhook_url,
-        "MAX_RECEIVE_COUNT": str(resources.max_receive_count),
-        "FAL_JWKS_URL": emulator.jwks_url,
-        "ALLOWED_MEDIA_URLS": emulator.files_url,
-        "RECOVERY_AFTER_SECONDS": os.environ.get("RECOVERY_AFTER_SECONDS", "5"),
-        "JOB_MAX_AGE_SECONDS": os.environ.get("JOB_MAX_AGE_SECONDS", "600"),
-        "POWERTOOLS_SERVICE_NAME": "kontext-local",
-        "POWERTOOLS_METRICS_NAMESPACE": "KontextS3",
-        "POWERTOOLS_LOG_LEVEL": os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
-        "POWERTOOLS_METRICS_DISABLED": os.environ.get("POWERTOOLS_METRICS_DISABLED", "true"),
-    }
+def function_environment(
+    resources: Resources,
+    *,
+    emulator: FalEmulator,
+    webhook_url: str | None = None,
+    aws_endpoint: str,
+    function: str | None = None,
+    **parameters: str,
+) -> dict[str, str]:
+    """The environment the template gives a function (all functions' variables when none is named), with local parameters."""
+    stack = resources.stack
+    stack.parameters.update(local_parameters(emulator, **parameters))
+    env: dict[str, str] = {}
+    for logical_id in [function] if function else resources.function_ids():
+        env.update({k: str(v) for k, v in stack.properties(logical_id).get("Environment", {}).get("Variables", {}).items()})
+    if webhook_url is not None:
+        env["WEBHOOK_URL"] = webhook_url
+    env.update(aws_environment(aws_endpoint, resources.admin))
+    return env
 
 
-# -- Lambda, locally ------------------------------------------------------------------------
-
-
-_instance_numbers = itertools.count(1)
-
-
-def load_function(name: str) -> ModuleType:
-    """Import ``functions/<name>/app.py`` afresh, as one Lambda execution environment does at cold start.
-
-    Every call gives a new module (its own clients, caches and Powertools state), read
-    from the environment as it is now.
-    """
-    module_name = f"kontext_function_{name}_{next(_instance_numbers)}"  # count() is atomic under the GIL
-    path = ROOT / "functions" / name / "app.py"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-class ExecutionEnvironments:
-    """Lambda's execution environments, locally: one invocation at a time in each, more made on demand.
-
-    Lambda never runs two invocations in one environment at once, and code relies on
-    it: Powertools' batch processor and event resolvers keep the current invocation in
-    module state. Calling one module from several threads would mix invocations, so
-    each concurrent invocation gets an environment of its own, started when none is idle.
-    """
-
-    def __init__(self, factory: Callable[[], Handler], first: Handler | None = None) -> None:
-        self._factory = factory
-        self._idle: list[Handler] = [first] if first else []
-        self._lock = threading.Lock()
-        self.started = len(self._idle)
-
-    def invoke(self, event: dict[str, Any], context: Any) -> Any:
-        with self._lock:
-            handler = self._idle.pop() if self._idle else None
-        if handler is None:
-            handler = self._factory()
-            with self._lock:
-                self.started += 1
-        try:
-            return handler(event, context)
-        finally:
-            with self._lock:
-                self._idle.append(handler)
+# -- Lambda's event sources, locally ------------------------------------------------------------
 
 
 @dataclass
 class LambdaContext:
-    """The parts of Lambda's context object the handlers and Powertools read."""
+    """The parts of Lambda's context object the handlers and Powertools read (for in-process invocations)."""
 
     function_name: str
     timeout_seconds: float
@@ -363,7 +493,7 @@ def sqs_event(messages: Sequence[Mapping[str, Any]], queue_arn: str) -> dict[str
                 "receiptHandle": m["ReceiptHandle"],
                 "body": m["Body"],
                 "attributes": dict(m.get("Attributes", {})),
-                "messageAttributes": {},
+                "messageAttributes": dict(m.get("MessageAttributes", {})),
                 "md5OfBody": m.get("MD5OfBody", ""),
                 "eventSource": "aws:sqs",
                 "eventSourceARN": queue_arn,
@@ -375,7 +505,13 @@ def sqs_event(messages: Sequence[Mapping[str, Any]], queue_arn: str) -> dict[str
 
 
 class SqsPoller:
-    """Lambda's SQS event source mapping, locally: receive, invoke, delete what succeeded."""
+    """Lambda's SQS event source mapping, locally: receive, invoke, delete what succeeded.
+
+    ``concurrency`` pollers run at once (the mapping's ``MaximumConcurrency``), each
+    receiving up to ``batch_size`` messages, waiting up to ``batching_window`` seconds
+    to fill a batch. It reads the queue with the credentials it is given (the
+    function's role, as Lambda's mapping does).
+    """
 
     def __init__(
         self,
@@ -389,15 +525,21 @@ class SqsPoller:
         retry_delay_seconds: int = 1,
         concurrency: int = 2,
         batch_size: int = 10,
+        batching_window: float = 0.0,
+        credentials: Credentials = TEST_CREDENTIALS,
+        admin: Credentials | None = None,
     ) -> None:
         self._handler = handler
-        self._sqs = aws_session().client("sqs", endpoint_url=endpoint)
+        self._sqs = aws_session(credentials).client("sqs", endpoint_url=endpoint)
+        # Bringing failures back early is a local shortcut, not something Lambda's mapping (or its role) does.
+        self._shortcut = aws_session(admin).client("sqs", endpoint_url=endpoint) if admin else self._sqs
         self._queue_url = queue_url
         self._queue_arn = queue_arn
         self._function_name = function_name
         self._timeout = timeout_seconds
         self._retry_delay = retry_delay_seconds
         self._batch_size = batch_size
+        self._window = batching_window
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, name=f"sqs-poller-{i}", daemon=True) for i in range(concurrency)]
         self.invocations = 0
@@ -421,13 +563,24 @@ class SqsPoller:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
                 time.sleep(0.5)
 
+    def _receive(self, wait_seconds: int) -> list[Any]:
+        messages: list[Any] = []
+        window_ends = time.monotonic() + self._window
+        while len(messages) < self._batch_size:
+            got = self._sqs.receive_message(
+                QueueUrl=self._queue_url,
+                MaxNumberOfMessages=self._batch_size - len(messages),
+                WaitTimeSeconds=wait_seconds if not messages else 0,
+                MessageSystemAttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            ).get("Messages", [])
+            messages.extend(got)
+            if not got or time.monotonic() >= window_ends:
+                break
+        return messages
+
     def poll_once(self, wait_seconds: int = 0) -> int:
-        messages = self._sqs.receive_message(
-            QueueUrl=self._queue_url,
-            MaxNumberOfMessages=self._batch_size,
-            WaitTimeSeconds=wait_seconds,
-            MessageSystemAttributeNames=["All"],
-        ).get("Messages", [])
+        messages = self._receive(wait_seconds)
         if not messages:
             return 0
         event = sqs_event(messages, self._queue_arn)
@@ -436,13 +589,13 @@ class SqsPoller:
             response = self._handler(event, LambdaContext(self._function_name, self._timeout))
             failed = {item["itemIdentifier"] for item in (response or {}).get("batchItemFailures", [])}
         except Exception as exc:
-            # A raised error fails the whole batch, as in Lambda.
+            # A raised error (or a timeout) fails the whole batch, as in Lambda.
             self.errors.append(f"{type(exc).__name__}: {exc}")
             failed = {m["MessageId"] for m in messages}
         for message in messages:
             if message["MessageId"] in failed:
                 # Lambda leaves failures to the queue's visibility timeout; locally they come back sooner.
-                self._sqs.change_message_visibility(
+                self._shortcut.change_message_visibility(
                     QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=self._retry_delay
                 )
             else:
@@ -488,10 +641,16 @@ def function_url_event(
 
 
 class FunctionUrlServer:
-    """A Lambda Function URL, locally: HTTP in, Function URL event to the handler, its answer out."""
+    """A Lambda Function URL, locally: HTTP in, Function URL event to the handler, its answer out.
 
-    def __init__(self, handler: Handler, *, function_name: str = "webhook", timeout_seconds: float = 60.0, port: int = 0) -> None:
+    A throttled invocation answers 429, and a function error 502, as Lambda's URLs do.
+    """
+
+    def __init__(
+        self, handler: Handler | None = None, *, function_name: str = "webhook", timeout_seconds: float = 60.0, port: int = 0
+    ) -> None:
         outer = self
+        self.handler = handler
         self.requests = 0
 
         class Handler(BaseHTTPRequestHandler):
@@ -510,9 +669,12 @@ class FunctionUrlServer:
                     self.command, url.path, url.query, headers, body, self.headers.get("Host", ""), self.client_address[0]
                 )
                 try:
-                    answer = handler(event, LambdaContext(function_name, timeout_seconds))
-                except Exception as exc:  # Lambda answers 502 when the function raises
-                    answer = {"statusCode": 502, "body": json.dumps({"message": f"function error: {type(exc).__name__}"})}
+                    assert outer.handler is not None, "no function behind this URL yet"
+                    answer = outer.handler(event, LambdaContext(function_name, timeout_seconds))
+                except Throttled:
+                    answer = {"statusCode": 429, "body": json.dumps({"Message": "Rate Exceeded."})}
+                except Exception as exc:  # Lambda answers 502 when the function fails
+                    answer = {"statusCode": 502, "body": json.dumps({"Message": f"function error: {type(exc).__name__}"})}
                 status = int(answer.get("statusCode", 200))
                 payload = answer.get("body") or ""
                 data = base64.b64decode(payload) if answer.get("isBase64Encoded") else str(payload).encode("utf-8")
@@ -544,67 +706,187 @@ class FunctionUrlServer:
 # -- the stack ------------------------------------------------------------------------------
 
 
+def host_build_dir() -> Path:
+    """The artifact built for this machine (``make build-host``)."""
+    build = Path(os.environ.get("KONTEXT_BUILD_DIR") or HOST_BUILD)
+    if not (build / "SharedLayer" / "python" / "kontext_s3").is_dir():
+        raise RuntimeError(f"no built artifact in {build}: run `make build-host` (sam build for {platform.machine()}) first")
+    return build
+
+
 @dataclass
 class LocalStack:
-    """Everything, started together: ``with LocalStack() as stack: ...``."""
+    """Everything, deployed from the template and started together: ``with LocalStack() as stack: ...``."""
 
     fal_key: str = "local-fal-key:local-secret"
     max_receive_count: int | None = 3
-    submit_concurrency: int = 2
-    submit_timeout_seconds: float = 20.0
+    submit_timeout_seconds: float | None = None
     webhook_attempts: int = 10
     webhook_backoff_seconds: float = 0.2
     #: The recovery function's schedule (every 5 minutes on AWS); None runs it only on demand.
     recovery_interval_seconds: float | None = 10.0
     verbose: bool = False
+    template: Path | str = TEMPLATE
+    #: Template parameter values beyond the local ones (``local_parameters``).
+    parameters: dict[str, str] = field(default_factory=dict)
+    fal_concurrency: int | None = None
+    enforce_iam: bool = True
+    log_dir: Path | None = None
+    build_dir: Path | None = None
 
     moto: MotoServer = field(init=False)
+    gateway: AwsGateway = field(init=False)
     emulator: FalEmulator = field(init=False)
     resources: Resources = field(init=False)
     webhook: FunctionUrlServer = field(init=False)
     poller: SqsPoller = field(init=False)
+    functions: dict[str, LocalFunction] = field(init=False)
     environment: dict[str, str] = field(init=False)
-    functions: dict[str, ModuleType] = field(init=False)
-    environments: dict[str, ExecutionEnvironments] = field(init=False)
 
     def start(self) -> LocalStack:
+        build = self.build_dir or host_build_dir()
         self.moto = MotoServer().start()
+        admin = _admin(self.moto.url)
+        self.gateway = AwsGateway(self.moto.url, admin=admin).start()
         self.emulator = FalEmulator(
             fal_key=self.fal_key,
             webhook_attempts=self.webhook_attempts,
             webhook_backoff_seconds=self.webhook_backoff_seconds,
             verbose=self.verbose,
+            concurrency=self.fal_concurrency,
         ).start()
-        self.resources = provision(self.moto.url, fal_key=self.fal_key, max_receive_count=self.max_receive_count)
-        # The webhook server needs its handler, and the handler's environment needs the server's URL:
-        # the port is reserved first and the handler bound once the modules are loaded.
-        self._webhook_handler: Handler | None = None
-        self.webhook = FunctionUrlServer(self._call_webhook).start()
-        self.environment = function_environment(
-            self.resources, emulator=self.emulator, webhook_url=self.webhook.url, aws_endpoint=self.moto.url
-        )
-        os.environ.update(self.environment)
-        self.functions = {name: load_function(name) for name in ("submit", "webhook", "recover")}
-        self.environments = {
-            name: ExecutionEnvironments(lambda name=name: load_function(name).lambda_handler, first=self.functions[name].lambda_handler)  # type: ignore[misc]
-            for name in self.functions
+        self.webhook = FunctionUrlServer(timeout_seconds=60.0).start()
+        cfn_preview = translate(Path(self.template) if isinstance(self.template, str) and "\n" not in self.template else self.template)
+        urls = {lid: self.webhook.url for lid, res in cfn_preview["Resources"].items() if res["Type"] == "AWS::Lambda::Url"}
+        url_targets = {
+            _target_of(res["Properties"]["TargetFunctionArn"]): lid
+            for lid, res in cfn_preview["Resources"].items()
+            if res["Type"] == "AWS::Lambda::Url"
         }
-        self._webhook_handler = self.environments["webhook"].invoke
-        self.poller = SqsPoller(
-            self.environments["submit"].invoke,
-            endpoint=self.moto.url,
-            queue_url=self.resources.queue_url,
-            queue_arn=self.resources.queue_arn,
-            timeout_seconds=self.submit_timeout_seconds,
-            concurrency=self.submit_concurrency,
-        ).start()
-        self._schedule = threading.Event()
-        if self.recovery_interval_seconds:
-            threading.Thread(target=self._recover_on_schedule, name="recovery-schedule", daemon=True).start()
+        self.resources = provision(
+            self.moto.url,
+            fal_key=self.fal_key,
+            max_receive_count=self.max_receive_count,
+            parameters=local_parameters(self.emulator, **self.parameters),
+            template=self.template,
+            function_urls={function: urls[url] for function, url in url_targets.items()},
+            credentials=admin,
+        )
+        if self.enforce_iam:
+            self.moto.enforce_iam()
+        self.log_dir = self.log_dir or Path(os.environ.get("KONTEXT_LOG_DIR") or (ROOT / "out" / "local-stack" / self.resources.stack.name))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        read_only = build if read_only_mounts_available() else None
+        python = find_python313()
+        stack = self.resources.stack
+        self.functions = {}
+        for logical_id, _ in stack.of_type("AWS::Lambda::Function"):
+            self.functions[logical_id] = LocalFunction(
+                self._spec(logical_id, build), python=python, read_only_root=read_only, echo=self.verbose
+            )
+        self.environment = {k: v for f in self.functions.values() for k, v in f.spec.environment.items()}
+        for function in url_targets:
+            self.webhook.handler = _url_invoker(self.functions[function])
+        self._start_event_sources()
         return self
 
+    def _spec(self, logical_id: str, build: Path) -> FunctionSpec:
+        stack = self.resources.stack
+        props = stack.properties(logical_id)
+        layers = [
+            str(stack.physical[lid]["SourceId"])
+            for lid, _ in stack.of_type("AWS::Lambda::LayerVersion")
+            if stack.ensure(lid)["Ref"] in props.get("Layers", [])
+        ]
+        role_arn = props["Role"]
+        deployer: _Deployer = self.resources.__dict__["_deployer"]
+        role_name = role_arn.rsplit("/", 1)[-1]
+        statements = deployer.role_statements(role_name)
+        sts = aws_session(self.resources.admin).client("sts", endpoint_url=self.gateway.url)
+        name = props.get("FunctionName") or stack.ensure(logical_id)["Ref"]
+
+        def credentials() -> dict[str, str]:
+            # Each execution environment gets its own role session, as Lambda gives it.
+            answer = sts.assume_role(RoleArn=role_arn, RoleSessionName=name[:64], DurationSeconds=3600)["Credentials"]
+            identity = Identity(
+                function=logical_id,
+                principal_arn=f"arn:aws:sts::{ACCOUNT}:assumed-role/{role_name}/{name[:64]}",
+                statements=statements,
+                session_expires=answer["Expiration"].timestamp(),
+            )
+            self.gateway.add_identity(answer["AccessKeyId"], identity)
+            return {
+                **aws_environment(self.gateway.url, Credentials(answer["AccessKeyId"], answer["SecretAccessKey"], answer["SessionToken"])),
+                "AWS_ENDPOINT_URL": self.gateway.url,
+            }
+
+        assert self.log_dir is not None
+        reserved = props.get("ReservedConcurrentExecutions")
+        mapping_limits = [
+            int(m["ScalingConfig"]["MaximumConcurrency"])
+            for lid, _ in stack.of_type("AWS::Lambda::EventSourceMapping")
+            if (m := stack.properties(lid))["FunctionName"] == name and m.get("ScalingConfig")
+        ]
+        timeout = float(props.get("Timeout", 3))
+        if logical_id == self._submit_id() and self.submit_timeout_seconds:
+            timeout = self.submit_timeout_seconds
+        return FunctionSpec(
+            logical_id=logical_id,
+            name=name,
+            handler=props["Handler"],
+            code_dir=build / logical_id,
+            layer_dir=build / layers[0] if layers else None,
+            environment={k: str(v) for k, v in props.get("Environment", {}).get("Variables", {}).items()},
+            timeout_seconds=timeout,
+            memory_mb=int(props.get("MemorySize", 128)),
+            max_concurrency=int(reserved) if reserved else (mapping_limits[0] if mapping_limits else 10),
+            credentials=credentials,
+            log_path=self.log_dir / f"{logical_id}.log",
+        )
+
+    def _submit_id(self) -> str:
+        stack = self.resources.stack
+        for lid, _ in stack.of_type("AWS::Lambda::EventSourceMapping"):
+            target = stack.properties(lid)["FunctionName"]
+            for function_id, _ in stack.of_type("AWS::Lambda::Function"):
+                if stack.ensure(function_id)["Ref"] == target:
+                    return function_id
+        return ""
+
+    def _start_event_sources(self) -> None:
+        stack = self.resources.stack
+        by_name = {f.spec.name: f for f in self.functions.values()}
+        by_arn = {stack.ensure(lid)["Arn"]: f for lid, f in self.functions.items()}
+        for lid, _ in stack.of_type("AWS::Lambda::EventSourceMapping"):
+            mapping = stack.properties(lid)
+            function = by_name[mapping["FunctionName"]]
+            queue = next(q for q, _ in stack.of_type("AWS::SQS::Queue") if stack.ensure(q)["Arn"] == mapping["EventSourceArn"])
+            env = function.spec.credentials()  # the mapping reads the queue as the function's role
+            credentials = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("AWS_SESSION_TOKEN"))
+            self.poller = SqsPoller(
+                _invoker(function),
+                endpoint=self.gateway.url,
+                queue_url=stack.ensure(queue)["Ref"],
+                queue_arn=mapping["EventSourceArn"],
+                function_name=function.spec.name,
+                timeout_seconds=function.spec.timeout_seconds,
+                concurrency=function.spec.max_concurrency,
+                batch_size=int(mapping.get("BatchSize", 10)),
+                batching_window=float(mapping.get("MaximumBatchingWindowInSeconds", 0)),
+                credentials=credentials,
+                admin=self.resources.admin,
+            ).start()
+        self._schedule = threading.Event()
+        self._recover: LocalFunction | None = None
+        for lid, _ in stack.of_type("AWS::Scheduler::Schedule"):
+            target = stack.properties(lid)["Target"]["Arn"]
+            self._recover = by_arn[target]
+        if self.recovery_interval_seconds and self._recover is not None:
+            threading.Thread(target=self._recover_on_schedule, name="recovery-schedule", daemon=True).start()
+
     def run_recovery(self) -> dict[str, Any]:
-        """Invoke the recovery function once, as its EventBridge Scheduler rule does."""
+        """Invoke the recovery function once, as its EventBridge Scheduler schedule does."""
+        assert self._recover is not None, "the template has no schedule"
         event = {
             "version": "0",
             "id": str(uuid.uuid4()),
@@ -616,7 +898,7 @@ class LocalStack:
             "resources": [],
             "detail": {},
         }
-        result: dict[str, Any] = self.environments["recover"].invoke(event, LambdaContext("recover", 300))
+        result: dict[str, Any] = self._recover.invoke(event)
         return result
 
     def _recover_on_schedule(self) -> None:
@@ -627,30 +909,26 @@ class LocalStack:
             except Exception as exc:  # a failed run is retried by the next one, as with the real schedule
                 print(f"warning: recovery run failed: {exc}", file=sys.stderr)
 
-    def _call_webhook(self, event: dict[str, Any], context: Any) -> Any:
-        assert self._webhook_handler is not None
-        return self._webhook_handler(event, context)
-
     def stop(self) -> None:
         if hasattr(self, "_schedule"):
             self._schedule.set()
-        for stopper in (self.poller.stop, self.webhook.stop, self.emulator.stop, self.moto.stop):
+        stoppers: list[Callable[[], None]] = []
+        if hasattr(self, "poller"):
+            stoppers.append(self.poller.stop)
+        stoppers.extend(f.stop for f in getattr(self, "functions", {}).values())
+        for name in ("webhook", "emulator", "gateway", "moto"):
+            if hasattr(self, name):
+                stoppers.append(getattr(self, name).stop)
+        for stopper in stoppers:
             try:
                 stopper()
             except Exception as exc:  # stop the rest regardless
                 print(f"warning: stopping the local stack: {exc}", file=sys.stderr)
-        for name, value in getattr(self, "_saved_environment", {}).items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        for module_name in [m for m in sys.modules if m.startswith("kontext_function_")]:
-            sys.modules.pop(module_name, None)
 
     def cli_environment(self) -> dict[str, str]:
-        """What the kontext-s3 CLI needs to work against this stack."""
+        """What the kontext-s3 CLI needs to work against this stack (as its administrator)."""
         return {
-            **aws_environment(self.moto.url),
+            **aws_environment(self.gateway.url, self.resources.admin),
             "KONTEXT_S3_BUCKET": self.resources.bucket,
             "KONTEXT_S3_TABLE": self.resources.table,
             "KONTEXT_S3_INPUT_PREFIX": self.resources.input_prefix,
@@ -663,22 +941,57 @@ class LocalStack:
             table=self.resources.table,
             input_prefix=self.resources.input_prefix,
             output_prefix=self.resources.output_prefix,
-            endpoint_url=self.moto.url,
+            endpoint_url=self.gateway.url,
             region=REGION,
+            credentials=self.resources.admin,
         )
 
     def __enter__(self) -> LocalStack:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *_: object) -> None:
         self.stop()
 
     def client(self, service: str) -> Any:
-        return aws_session().client(service, endpoint_url=self.moto.url)  # type: ignore[call-overload]
+        return aws_session(self.resources.admin).client(service, endpoint_url=self.gateway.url)  # type: ignore[call-overload]
 
     def accepted_requests_per_job(self) -> Counter[str]:
         """How many requests the emulator accepted (fal would bill) per job, read from their webhook URLs."""
         return Counter(r.webhook_url.rsplit("/", 1)[-1] for r in self.emulator.requests.values() if r.webhook_url)
 
     def jobs(self) -> JobStore:
-        return JobStore(aws_session().resource("dynamodb", endpoint_url=self.moto.url).Table(self.resources.table))
+        return JobStore(Table(self.client("dynamodb"), self.resources.table))
+
+    def function_log(self, logical_id: str) -> list[str]:
+        return list(self.functions[logical_id].lines)
+
+    def function_id(self, suffix: str) -> str:
+        """The logical id of the function whose id starts with ``suffix`` (``submit`` -> ``SubmitFunction``)."""
+        return next(lid for lid in self.functions if lid.lower().startswith(suffix.lower()))
+
+
+def _target_of(reference: Any) -> str:
+    """The logical id a ``Ref`` or ``Fn::GetAtt`` to a function names."""
+    if "Ref" in reference:
+        return str(reference["Ref"])
+    return str(reference["Fn::GetAtt"][0])
+
+
+def _url_invoker(function: LocalFunction) -> Handler:
+    """A synchronous invocation: throttled (429 at the URL) when every environment is busy at the concurrency limit."""
+
+    def invoke(event: dict[str, Any], context: Any) -> Any:
+        return function.invoke(event, wait=False)
+
+    return invoke
+
+
+def _invoker(function: LocalFunction) -> Handler:
+    def invoke(event: dict[str, Any], context: Any) -> Any:
+        return function.invoke(event)
+
+    return invoke

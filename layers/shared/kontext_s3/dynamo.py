@@ -38,15 +38,15 @@ class Table:
         self.client = client
         self.name = name
 
-    def get_item(self, *, Key: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:  # noqa: N803 - the resource API's names
+    def get_item(self, *, Key: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
         answer = self.client.get_item(TableName=self.name, Key=_to_wire(Key), **kwargs)
         return {"Item": _from_wire(answer["Item"])} if "Item" in answer else {}
 
-    def put_item(self, *, Item: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:  # noqa: N803
+    def put_item(self, *, Item: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
         self.client.put_item(TableName=self.name, Item=_to_wire(Item), **_values(kwargs))
         return {}
 
-    def update_item(self, *, Key: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:  # noqa: N803
+    def update_item(self, *, Key: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
         answer = self.client.update_item(TableName=self.name, Key=_to_wire(Key), **_values(kwargs))
         return {"Attributes": _from_wire(answer["Attributes"])} if "Attributes" in answer else {}
 

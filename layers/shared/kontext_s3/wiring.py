@@ -27,8 +27,13 @@ from kontext_s3.notifications import JobEvents
 from kontext_s3.output_store import OutputLayout
 from kontext_s3.settings import Settings
 
-# Attempts per call come from AWS_MAX_ATTEMPTS (the template sets it), so an operator can tune them.
-AWS_CONFIG = Config(retries={"mode": "standard"}, max_pool_connections=20)
+
+def aws_config() -> Config:
+    """Standard retries; attempts per call come from AWS_MAX_ATTEMPTS (the template sets it), so an operator can tune them.
+
+    A new object each time: botocore writes the resolved attempt count back into the config it is given.
+    """
+    return Config(retries={"mode": "standard"}, max_pool_connections=20)
 
 
 class Lazy:
@@ -55,15 +60,17 @@ def lazy(factory: Callable[[], Any]) -> Any:
 
 def s3_client() -> Any:
     # SigV4 explicitly: presigned URLs for the input image must be SigV4 in every region.
-    return lazy(lambda: boto3.client("s3", config=Config(signature_version="s3v4").merge(AWS_CONFIG)))
+    return lazy(lambda: boto3.client("s3", config=Config(signature_version="s3v4").merge(aws_config())))
 
 
 def job_store(settings: Settings) -> JobStore:
-    return JobStore(Table(lazy(lambda: boto3.client("dynamodb", config=AWS_CONFIG)), settings.jobs_table), ttl_days=settings.job_ttl_days)
+    return JobStore(Table(lazy(lambda: boto3.client("dynamodb", config=aws_config())), settings.jobs_table), ttl_days=settings.job_ttl_days)
 
 
 def job_events(settings: Settings) -> JobEvents:
-    return JobEvents(lazy(lambda: boto3.client("events", config=AWS_CONFIG)), bus_name=settings.event_bus_name, source=settings.event_source)
+    return JobEvents(
+        lazy(lambda: boto3.client("events", config=aws_config())), bus_name=settings.event_bus_name, source=settings.event_source
+    )
 
 
 def job_finisher(settings: Settings, s3: Any, jobs: JobStore, http: httpx.Client | None = None) -> JobFinisher:
@@ -88,7 +95,7 @@ def fal_key_reader(settings: Settings) -> Callable[[], str]:
         if not provider:
             from aws_lambda_powertools.utilities.parameters import SecretsProvider  # noqa: PLC0415 - only when a key is needed
 
-            provider.append(SecretsProvider(boto3_client=boto3.client("secretsmanager", config=AWS_CONFIG)))
+            provider.append(SecretsProvider(boto3_client=boto3.client("secretsmanager", config=aws_config())))
         value = str(provider[0].get(settings.fal_key_secret, max_age=settings.fal_key_cache_seconds))
         if value.lstrip().startswith("{"):
             document = json.loads(value)
