@@ -328,6 +328,11 @@ class LocalFunction:
             self._idle.append(environment)
             self._lock.notify()
 
+    def pids(self) -> list[int]:
+        """The process ids of this function's running execution environments."""
+        with self._lock:
+            return [e._process.pid for e in self._all if isinstance(getattr(e, "_process", None), subprocess.Popen) and e.alive]
+
     def stop(self) -> None:
         with self._lock:
             environments, self._all, self._idle = list(self._all), [], deque()
