@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def lambda_handler(event, context):
 
 
 @pytest.fixture
-def function(tmp_path: Path) -> LocalFunction:
+def function(tmp_path: Path) -> Iterator[LocalFunction]:
     code = tmp_path / "build" / "ProbeFunction"
     code.mkdir(parents=True)
     (code / "app.py").write_text(HANDLER)
