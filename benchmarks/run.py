@@ -1,16 +1,19 @@
 """``make bench`` (``python -m benchmarks.run``): what the functions cost, measured on this machine.
 
-1. Cold import of each handler against a bare ``import boto3``, in the same run,
-   with the ``.pyc`` files warm and with none (as a fresh ``sam build`` ships);
-   plus what a Powertools ``Tracer()`` would add.
-2. Warm cost per message of the submit handler (moto and the emulator on loopback).
+1. Cold start as deployed (``benchmarks.coldstart``): each handler on python3.13
+   from the built artifact, read-only, with and without bytecode: its import
+   against a bare ``import boto3``, and init plus its first real-shaped event
+   against a minimal function that imports boto3 and makes one S3 call.
+2. Warm cost per message of the submit function (running as deployed, on the
+   local stack).
 3. Wall time of one 10-message batch when fal takes L ms to answer a submit.
 4. The webhook's copy of a 1, 5 and 20 MB image against a raw boto3 upload of
    the same bytes: time and peak memory, in a child process of its own.
 5. End-to-end throughput on the local stack.
 
-Figures go to ``benchmarks/results/latest.json`` and a Markdown table is
-printed for the README. These are measurements; no test asserts a time.
+Results go to ``out/bench/latest.json`` and ``latest.md``; the README's tables
+change only with ``SAVE=1`` (``make bench SAVE=1``). These are measurements;
+no test asserts a time. Ctrl-C stops cleanly, keeping what was measured.
 """
 
 from __future__ import annotations
@@ -22,56 +25,18 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+from benchmarks import coldstart
+from benchmarks.readme import replace_section
 from kontext_s3_tools.cli import upload_bytes
 from kontext_s3_tools.load import _image
 from kontext_s3_tools.load import run as load_run
 from kontext_s3_tools.local_stack import ROOT, LambdaContext, LocalStack, sqs_event
 
-RESULTS = ROOT / "benchmarks" / "results"
-IMPORT_ENV = {
-    "JOBS_TABLE": "jobs",
-    "WEBHOOK_URL": "https://example.lambda-url.us-east-1.on.aws",
-    "FAL_KEY_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:fal",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_ACCESS_KEY_ID": "x",
-    "AWS_SECRET_ACCESS_KEY": "x",
-    "POWERTOOLS_METRICS_DISABLED": "true",
-}
-IMPORT_SNIPPETS = {
-    "import boto3 (baseline)": "import boto3",
-    "submit handler": f"import runpy; runpy.run_path({str(ROOT / 'functions/submit/app.py')!r})",
-    "webhook handler": f"import runpy; runpy.run_path({str(ROOT / 'functions/webhook/app.py')!r})",
-    "recover handler": f"import runpy; runpy.run_path({str(ROOT / 'functions/recover/app.py')!r})",
-    "Powertools Tracer() (not used)": "from aws_lambda_powertools import Tracer; Tracer(disabled=True)",
-}
-
-
-def _timed_import(snippet: str, *, compiled: bool) -> float:
-    code = f"import time; t = time.perf_counter(); {snippet}; print(time.perf_counter() - t)"
-    env = {**os.environ, **IMPORT_ENV}
-    args = [sys.executable, "-c", code]
-    if not compiled:
-        # An empty pycache prefix and -B: every module is compiled from source, as on a cold Lambda.
-        env["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="nopyc-")
-        args.insert(1, "-B")
-    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def cold_imports(repeats: int) -> dict[str, dict[str, float]]:
-    results: dict[str, dict[str, float]] = {}
-    for name, snippet in IMPORT_SNIPPETS.items():
-        _timed_import(snippet, compiled=True)  # writes the .pyc files the warm runs read
-        warm = [_timed_import(snippet, compiled=True) for _ in range(repeats)]
-        cold = [_timed_import(snippet, compiled=False) for _ in range(max(2, repeats // 2))]
-        results[name] = {"pyc_ms": round(statistics.median(warm) * 1000, 1), "no_pyc_ms": round(statistics.median(cold) * 1000, 1)}
-        print(f"  import {name}: {results[name]}", flush=True)
-    return results
+OUT = ROOT / "out" / "bench"
 
 
 def _upload_events(stack: LocalStack, count: int, prefix: str) -> list[dict[str, Any]]:
@@ -160,42 +125,50 @@ def webhook_copies(stack: LocalStack, sizes_mb: list[int]) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     machine = report["machine"]
     lines = [
-        f"Measured {report['measured_at']} on {machine['cpus']} CPUs, Python {machine['python']}, with `{report['command']}`.",
+        f"Measured {report['measured_at']} on {machine['cpus']} CPUs ({machine['platform']}), with `{report['command']}`.",
         "",
-        "| Cold import (median) | with .pyc | without .pyc |",
-        "| --- | ---: | ---: |",
     ]
-    for name, value in report["cold_import_ms"].items():
-        lines.append(f"| {name} | {value['pyc_ms']} ms | {value['no_pyc_ms']} ms |")
-    submit = report["submit"]
-    single = submit["warm_single_message_ms"]
-    lines += [
-        "",
-        "| Submit handler (warm) | |",
-        "| --- | ---: |",
-        f"| one message per invocation, median (p95) | {single['median']} ms ({single['p95']} ms) |",
-        f"| per message in a 10-message batch | {submit['warm_per_message_in_a_batch_ms']} ms |",
-    ]
-    for latency, value in submit["batch_of_10_by_fal_latency"].items():
-        in_a_row = value["ten_answers_in_a_row_ms"]
-        lines.append(f"| 10-message batch, fal answering in {latency} ms (10 in a row: {in_a_row} ms) | {value['wall_ms']} ms |")
-    lines += [
-        "",
-        "| Webhook copy | copy time | raw put_object | copy peak (traced) | raw put peak (traced) | process peak RSS during the copy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for size, v in report["webhook_copy"].items():
-        times = f"{v['copy_ms']} ms | {v['raw_put_ms']} ms"
-        peaks = f"{v['copy_peak_traced_mb']} MB | {v['raw_put_peak_traced_mb']} MB | {v['process_peak_rss_during_copy_mb']} MB"
-        lines.append(f"| {size} | {times} | {peaks} |")
-    load = report["end_to_end"]
-    lines += [
-        "",
-        f"End to end on the local stack: {load['uploads']} uploads in {load['wall_seconds']} s "
-        f"({load['throughput_uploads_per_second']} uploads/s), {load['lost']} lost, "
-        f"{load['duplicated_fal_requests']} duplicated; upload-to-outputs latency "
-        f"p50 {load['latency_seconds']['p50']} s, p95 {load['latency_seconds']['p95']} s.",
-    ]
+    if "coldstart" in report:
+        cold = report["coldstart"]
+        lines += [
+            "Cold start on python3.13 from the built artifact"
+            + (", mounted read-only" if cold["read_only_mount"] else "")
+            + f", median of {cold['repeats']} fresh processes each:",
+            "",
+            coldstart.markdown(cold),
+            "",
+        ]
+    if "submit" in report:
+        submit = report["submit"]
+        single = submit["warm_single_message_ms"]
+        lines += [
+            "| Submit function (warm, as deployed) | |",
+            "| --- | ---: |",
+            f"| one message per invocation, median (p95) | {single['median']} ms ({single['p95']} ms) |",
+            f"| per message in a 10-message batch | {submit['warm_per_message_in_a_batch_ms']} ms |",
+        ]
+        for latency, value in submit["batch_of_10_by_fal_latency"].items():
+            in_a_row = value["ten_answers_in_a_row_ms"]
+            lines.append(f"| 10-message batch, fal answering in {latency} ms (10 in a row: {in_a_row} ms) | {value['wall_ms']} ms |")
+        lines.append("")
+    if "webhook_copy" in report:
+        lines += [
+            "| Webhook copy | copy time | raw put_object | copy peak (traced) | raw put peak (traced) | process peak RSS during the copy |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for size, v in report["webhook_copy"].items():
+            times = f"{v['copy_ms']} ms | {v['raw_put_ms']} ms"
+            peaks = f"{v['copy_peak_traced_mb']} MB | {v['raw_put_peak_traced_mb']} MB | {v['process_peak_rss_during_copy_mb']} MB"
+            lines.append(f"| {size} | {times} | {peaks} |")
+        lines.append("")
+    if "end_to_end" in report:
+        load = report["end_to_end"]
+        lines.append(
+            f"End to end on the local stack: {load['uploads']} uploads in {load['wall_seconds']} s "
+            f"({load['throughput_uploads_per_second']} uploads/s), {load['lost']} lost, "
+            f"{load['duplicated_fal_requests']} duplicated; upload-to-outputs latency "
+            f"p50 {load['latency_seconds']['p50']} s, p95 {load['latency_seconds']['p95']} s."
+        )
     return "\n".join(lines)
 
 
@@ -206,37 +179,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latencies", default="200,500")
     parser.add_argument("--sizes", default="1,5,20")
     parser.add_argument("--uploads", type=int, default=100, help="uploads for the end-to-end throughput figure")
-    parser.add_argument("--table-only", action="store_true", help="print the table of the last results without measuring")
+    parser.add_argument("--only", default="coldstart,submit,webhook,end_to_end", help="which sections to measure")
+    parser.add_argument("--save", action="store_true", default=os.environ.get("SAVE") == "1", help="write the tables into README.md")
     args = parser.parse_args(argv)
-    if args.table_only:
-        print(markdown(json.loads((RESULTS / "latest.json").read_text(encoding="utf-8"))))
-        return 0
+    sections = set(args.only.split(","))
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "ERROR")
     report: dict[str, Any] = {
         "command": "make bench",
         "measured_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
-    print("cold imports ...", flush=True)
-    report["cold_import_ms"] = cold_imports(args.repeats)
-    print("submit handler ...", flush=True)
-    with LocalStack(recovery_interval_seconds=None) as stack:
-        report["submit"] = submit_costs(stack, singles=args.singles, latencies=[int(x) for x in args.latencies.split(",")])
-    print("webhook copies ...", flush=True)
-    with LocalStack(recovery_interval_seconds=None) as stack:
-        report["webhook_copy"] = webhook_copies(stack, [int(x) for x in args.sizes.split(",")])
-    print("end to end ...", flush=True)
-    report["end_to_end"] = {
-        k: v
-        for k, v in load_run(args.uploads, concurrency=4, uploaders=8, num_images=1, faults={}, timeout=600).items()
-        if k not in ("examples", "machine")
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    table = markdown(report)
-    (RESULTS / "latest.md").write_text(table + "\n", encoding="utf-8")
+    OUT.mkdir(parents=True, exist_ok=True)
+    try:
+        if "coldstart" in sections:
+            print("cold start, as deployed ...", flush=True)
+            report["coldstart"] = coldstart.run(args.repeats)
+        if "submit" in sections:
+            print("submit function, warm ...", flush=True)
+            with LocalStack(recovery_interval_seconds=None) as stack:
+                report["submit"] = submit_costs(stack, singles=args.singles, latencies=[int(x) for x in args.latencies.split(",")])
+        if "webhook" in sections:
+            print("webhook copies ...", flush=True)
+            with LocalStack(recovery_interval_seconds=None) as stack:
+                report["webhook_copy"] = webhook_copies(stack, [int(x) for x in args.sizes.split(",")])
+        if "end_to_end" in sections:
+            print("end to end ...", flush=True)
+            measured = load_run(args.uploads, concurrency=4, uploaders=8, num_images=1, faults={}, timeout=600)
+            report["end_to_end"] = {k: v for k, v in measured.items() if k not in ("examples", "machine")}
+    except KeyboardInterrupt:
+        print("\ninterrupted: what was measured so far is kept", file=sys.stderr)
+        _write(report)
+        return 130
+    table = _write(report)
     print(table)
+    if args.save:
+        replace_section(ROOT / "README.md", "bench", table)
+        print("README.md updated (SAVE=1)")
     return 0
+
+
+def _write(report: dict[str, Any]) -> str:
+    (OUT / "latest.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    table = markdown(report)
+    (OUT / "latest.md").write_text(table + "\n", encoding="utf-8")
+    print(f"results in {OUT.relative_to(ROOT)}/latest.json and latest.md")
+    return table
 
 
 if __name__ == "__main__":

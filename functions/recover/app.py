@@ -16,6 +16,8 @@ from kontext_s3.settings import Settings
 
 settings = Settings.from_env()
 metrics = Metrics()
+if settings.stack_name:
+    metrics.set_default_dimensions(stack=settings.stack_name)
 s3 = wiring.s3_client()
 jobs = wiring.job_store(settings)
 http = wiring.media_http_client()
@@ -36,6 +38,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     metrics.add_metric(name="RecoveryChecked", unit=MetricUnit.Count, value=report.checked)
     metrics.add_metric(name="JobsRecovered", unit=MetricUnit.Count, value=report.completed)
     metrics.add_metric(name="JobsExpired", unit=MetricUnit.Count, value=report.failed)
+    metrics.add_metric(name="JobsStuckUncertain", unit=MetricUnit.Count, value=report.stuck_uncertain)
     summary = {
         "checked": report.checked,
         "completed": report.completed,
@@ -43,6 +46,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         "uncertain": report.uncertain,
         "notified": report.notified,
         "still_running": report.still_running,
+        "stuck_uncertain": report.stuck_uncertain,
     }
     logger.info("recovery run", extra={**summary, "errors": len(report.errors)})
     return {**summary, "errors": report.errors[:20]}

@@ -28,6 +28,8 @@ from kontext_s3.submit import ChangeResult, Outcome, Submitter
 
 settings = Settings.from_env()
 metrics = Metrics()
+if settings.stack_name:
+    metrics.set_default_dimensions(stack=settings.stack_name)
 s3 = wiring.s3_client()
 jobs = wiring.job_store(settings)
 http = httpx.Client(limits=httpx.Limits(max_connections=20, max_keepalive_connections=10))

@@ -22,6 +22,8 @@ from kontext_s3.webhook_signature import JwksCache
 
 settings = Settings.from_env()
 metrics = Metrics()
+if settings.stack_name:
+    metrics.set_default_dimensions(stack=settings.stack_name)
 s3 = wiring.s3_client()
 jobs = wiring.job_store(settings)
 http = wiring.media_http_client()
@@ -48,6 +50,8 @@ def fal_webhook(job_id: str) -> Response[str]:
     answer = receiver.handle(job_id, dict(event.headers), raw, deadline=deadline)
     if answer.status in (400, 401, 403, 404, 409, 413):
         metrics.add_metric(name="WebhooksRefused", unit=MetricUnit.Count, value=1)
+    if answer.status == 401:  # fal's signature did not verify: someone else is calling the public URL
+        metrics.add_metric(name="WebhookSignatureRefused", unit=MetricUnit.Count, value=1)
     if answer.ended is not None:
         _count_ended(answer.ended)
     return Response(status_code=answer.status, content_type="application/json", body=json.dumps(answer.body))

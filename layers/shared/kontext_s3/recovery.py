@@ -55,6 +55,8 @@ class RecoveryReport:
     uncertain: int = 0
     notified: int = 0
     still_running: int = 0
+    #: UNCERTAIN jobs this run looked at and could not settle (fal may hold them; none is resent).
+    stuck_uncertain: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -101,6 +103,8 @@ class Recovery:
                 report.errors.append(outcome[6:])
             elif outcome in ("completed", "failed", "uncertain", "notified"):
                 setattr(report, outcome, getattr(report, outcome) + 1)
+            elif outcome == "stuck-uncertain":
+                report.stuck_uncertain += 1
             else:
                 report.still_running += 1
         skipped = outcomes.count("skipped")
@@ -211,9 +215,11 @@ class Recovery:
 
     def _check_uncertain(self, job: Job, deadline: float) -> str:
         if job.request_id and job.status_url:
-            return self._check_at_fal(job, deadline)
+            outcome = self._check_at_fal(job, deadline)
+            return "stuck-uncertain" if outcome == "running" else outcome
         if not self._too_old(job):
-            return "running"
+            logger.warning("job still UNCERTAIN: no webhook yet, and no request id to ask fal about")
+            return "stuck-uncertain"
         claim = self._finisher.claim(job.job_id, deadline=deadline, states=(JobState.UNCERTAIN,))
         if claim is None:
             return "ended-elsewhere"

@@ -25,6 +25,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
 
     jobs_table: str = Field(alias="JOBS_TABLE")
+    #: The CloudFormation stack: a dimension of every metric, so two stacks in one account do not mix.
+    stack_name: str = Field(default="", alias="STACK_NAME")
     input_bucket: str = Field(default="", alias="INPUT_BUCKET")
     input_prefix: str = Field(default="inputs/", alias="INPUT_PREFIX")
     output_prefix: str = Field(default="outputs/", alias="OUTPUT_PREFIX")
