@@ -108,13 +108,13 @@ def test_3_when_no_write_lands_after_sending_the_job_stays_sending_until_recover
     submit = world.submit(FAL_TIMEOUT_SECONDS="1", AWS_MAX_ATTEMPTS="2")
     version = world.upload("inputs/table-down.jpg")
     message = world.upload_event()
-    world.deliver(submit, message, timeout=4.0)  # the hold lapses 2 + 10 s after sending
+    world.deliver(submit, message, timeout=6.0)  # the hold lapses 4 + 10 s after sending
     job = world.job("inputs/table-down.jpg", version)
     assert job.state is JobState.SENDING and world.posts() == 1
-    assert world.deliver_until_dead(submit, message, timeout=4.0) == 0  # held: a duplicate
+    assert world.deliver_until_dead(submit, message, timeout=6.0) == 0  # held: a duplicate
     world.gateway.clear_faults()
     time.sleep(max(0.0, (job.held_until_ms or 0) / 1000 - time.time()) + 0.5)
-    assert world.deliver_until_dead(submit, message, timeout=4.0) == 0  # lapsed while SENDING: UNCERTAIN, never resent
+    assert world.deliver_until_dead(submit, message, timeout=6.0) == 0  # lapsed while SENDING: UNCERTAIN, never resent
     assert world.job("inputs/table-down.jpg", version).state is JobState.UNCERTAIN
     assert world.posts() == 1
 

@@ -76,7 +76,7 @@ def test_recovery_records_a_failure_fal_reported_only_to_the_lost_webhook(stack:
 
 
 def test_a_request_stuck_at_fal_past_the_max_age_is_cancelled_and_failed(stack: LocalStack, tmp_path: Path) -> None:
-    stack.emulator.set_faults(queue_ms=4000)
+    stack.emulator.set_faults(queue_ms=20_000)
     target = stack.target()
     uploaded = cli.upload_image(target, image_file(tmp_path), {"prompt": "stuck in the queue"}, key="inputs/recovery/stuck.jpg")
     eventually(lambda: (job := stack.jobs().get(uploaded.job_id)) is not None and job.state is JobState.SUBMITTED, what="submit")
@@ -111,7 +111,7 @@ def s3_removal_event(bucket: str, key: str, event_name: str, version_id: str) ->
 
 @pytest.mark.parametrize("how", ["delete marker", "version deleted"])
 def test_deleting_the_input_of_a_queued_job_cancels_it_at_fal(stack: LocalStack, tmp_path: Path, how: str) -> None:
-    stack.emulator.set_faults(queue_ms=4000)
+    stack.emulator.set_faults(queue_ms=20_000)
     target = stack.target()
     key = f"inputs/recovery/deleted {how}.jpg"
     uploaded = cli.upload_image(target, image_file(tmp_path), {"prompt": "never mind"}, key=key)

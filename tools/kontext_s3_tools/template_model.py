@@ -16,6 +16,7 @@ caller gives each resource as it creates it.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -39,6 +40,7 @@ def translate(template: Path | str, parameters: Mapping[str, str] | None = None)
     from samtranslator.translator.translator import Translator  # noqa: PLC0415
     from samtranslator.yaml_helper import yaml_parse  # noqa: PLC0415
 
+    logging.getLogger("samtranslator").setLevel(logging.ERROR)  # its usage metrics warn on every translation
     text = template.read_text(encoding="utf-8") if isinstance(template, Path) else template
     sam = yaml_parse(text)
     for logical_id, resource in sam.get("Resources", {}).items():
