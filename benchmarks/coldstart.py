@@ -10,7 +10,8 @@ step ships):
 * (b) init plus the first real-shaped event against the local endpoints (the
   moto server behind the AWS gateway, the fal emulator), with the function
   role's credentials and the template's environment, against a minimal
-  function that imports boto3 and makes one S3 call to the same endpoint.
+  function that imports boto3 and makes one S3 call (a HEAD of an upload) to
+  the same endpoint with the same credentials.
 
 Every sample is a fresh process (``-s``, bytecode writing off, the build
 mounted read-only when this machine allows it). Medians of ``--repeats``.
@@ -53,7 +54,8 @@ RUNNER = textwrap.dedent(
     if mode == "baseline-event":
         import boto3
         imported = time.perf_counter()
-        boto3.client("s3").head_bucket(Bucket=json.load(open(event_path))["bucket"])
+        target = json.load(open(event_path))
+        boto3.client("s3").head_object(Bucket=target["bucket"], Key=target["key"])
         done = time.perf_counter()
         print(json.dumps({"import_ms": (imported - started) * 1000, "total_ms": (done - started) * 1000}))
         raise SystemExit
@@ -187,7 +189,9 @@ def _events(stack: LocalStack) -> dict[str, Callable[[], dict[str, Any]]]:
 def measure(stack: LocalStack, build: Path, repeats: int, workdir: Path) -> dict[str, Any]:
     bench = ColdStart(stack, build, workdir)
     events = _events(stack)
-    bucket = {"bucket": stack.resources.bucket}
+    # The minimal function's one S3 call: a HEAD of an upload (the submit role may read uploads).
+    bucket = {"bucket": stack.resources.bucket, "key": "inputs/bench/baseline.jpg"}
+    stack.client("s3").put_object(Bucket=bucket["bucket"], Key=bucket["key"], Body=_image(0))
     report: dict[str, Any] = {"read_only_mount": bench.read_only, "repeats": repeats, "variants": {}}
     for variant, tree in bench.builds.items():
         base_import = [bench.sample(tree, None, "baseline-import") for _ in range(repeats)]

@@ -37,6 +37,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -181,15 +182,19 @@ class JobStore:
 
     def open_job_ids(self, state: str, *, checked_before_ms: int, limit: int = 100) -> list[str]:
         """Ids of jobs in ``state`` (or ``NOTIFY``) least recently checked first, all last checked before ``checked_before_ms``."""
-        heads: list[list[tuple[int, str]]] = []
-        for shard in range(OPEN_SHARDS):
+
+        def shard_head(shard: int) -> list[tuple[int, str]]:
             page = self._table.query(
                 IndexName=OPEN_JOBS_INDEX,
                 KeyConditionExpression="open_shard = :shard AND open_order < :before",
                 ExpressionAttributeValues={":shard": f"{state}#{shard}", ":before": checked_before_ms},
                 Limit=limit,
             )
-            heads.append([(int(item["open_order"]), str(item["job_id"])) for item in page.get("Items", [])])
+            return [(int(item["open_order"]), str(item["job_id"])) for item in page.get("Items", [])]
+
+        # The shards are read at once: one query's latency, not eight.
+        with ThreadPoolExecutor(max_workers=OPEN_SHARDS, thread_name_prefix="open-jobs") as pool:
+            heads = list(pool.map(shard_head, range(OPEN_SHARDS)))
         return [job_id for _, job_id in heapq.merge(*heads)][:limit]
 
     def touch(self, job: Job) -> None:

@@ -88,12 +88,9 @@ class Recovery:
             (JobState.SUBMITTING.value, now - self._after_ms, self._check_submitting),
             (NOTIFY, now - _SHORT_CHECK_MS, self._publish_missed_event),
         ]
-        work = [
-            (job_id, action)
-            for state, before, action in plan
-            for job_id in self._jobs.open_job_ids(state, checked_before_ms=before, limit=limit)
-        ]
         with ThreadPoolExecutor(max_workers=self._parallel, thread_name_prefix="recover") as pool:
+            listings = list(pool.map(lambda step: self._jobs.open_job_ids(step[0], checked_before_ms=step[1], limit=limit), plan))
+            work = [(job_id, action) for (_, _, action), ids in zip(plan, listings, strict=True) for job_id in ids]
             outcomes = list(pool.map(lambda item: self._one(item[0], item[1], deadline), work))
         for outcome in outcomes:
             if outcome == "skipped":

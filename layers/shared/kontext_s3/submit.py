@@ -217,7 +217,6 @@ class Submitter:
         """Everything that can be checked before anything is sent; raises :class:`_UserError` for the user's mistakes."""
         if has_dot_segments(change.key):
             raise _UserError("unsupported_key", "the key has '.' or '..' path segments, which URLs cannot carry; rename the upload")
-        self._check_still_there(change)
         fields = self._read_tags(change)
         try:
             # Validated before touching the image: a bad tag is the commonest mistake and costs nothing to report.
@@ -354,15 +353,6 @@ class Submitter:
                 return candidate.get("VersionId")
         return None
 
-    def _check_still_there(self, change: ObjectChange) -> None:
-        """An upload deleted before its event is handled is not paid for (a delete marker hides it)."""
-        try:
-            self._s3.head_object(Bucket=change.bucket, Key=change.key)
-        except ClientError as exc:
-            if _missing(exc):
-                raise _UserError("input_missing", "the input was deleted before it could be processed") from exc
-            raise
-
     def _read_tags(self, change: ObjectChange) -> dict[str, str]:
         kwargs = {"Bucket": change.bucket, "Key": change.key}
         if change.version_id:
@@ -384,13 +374,20 @@ class Submitter:
         return fields
 
     def _check_image(self, change: ObjectChange) -> str:
-        """The image's type, from its first bytes; refuses what is not an image or too large."""
+        """The image's type, from its first bytes; refuses what is not an image, too large, or deleted since.
+
+        One ranged GET of the key's *current* object answers both "is it still there" (a delete
+        marker hides a deleted upload: 404) and "what is it"; only when the upload was overwritten
+        since does a second GET read the uploaded version itself.
+        """
         try:
-            first = self._s3.get_object(Range="bytes=0-15", **_version_args(change))  # type: ignore[arg-type]
+            first = self._s3.get_object(Bucket=change.bucket, Key=change.key, Range="bytes=0-15")
+            if change.version_id and first.get("VersionId") not in (change.version_id, None, "null"):
+                first = self._s3.get_object(Range="bytes=0-15", **_version_args(change))  # type: ignore[arg-type]
             first_bytes = first["Body"].read()
         except ClientError as exc:
             if _missing(exc):
-                raise _UserError("input_missing", "the uploaded object no longer exists") from exc
+                raise _UserError("input_missing", "the input was deleted before it could be processed") from exc
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":  # an empty object
                 raise _UserError("unsupported_object", "the uploaded object is empty") from exc
             raise
