@@ -174,8 +174,15 @@ def _events(stack: LocalStack) -> dict[str, Callable[[], dict[str, Any]]]:
         )
         jobs.begin_send(job_id, holder, input_json=json.dumps({"prompt": "x", "num_images": 1, "output_format": "jpeg"}))
         queued = outcome.request
-        urls = {"status_url": queued.status_url, "response_url": queued.response_url, "cancel_url": queued.cancel_url}
-        jobs.mark_submitted(job_id, holder, request_id=queued.request_id, gateway_request_id=None, **urls)
+        jobs.mark_submitted(
+            job_id,
+            holder,
+            request_id=queued.request_id,
+            gateway_request_id=None,
+            status_url=queued.status_url,
+            response_url=queued.response_url,
+            cancel_url=queued.cancel_url,
+        )
         body = json.dumps({"request_id": request.request_id, "status": "OK", "payload": request.result}).encode()
         headers = {k.lower(): v for k, v in stack.emulator.signer.headers(request.request_id, stack.emulator.user_id, body).items()}
         return function_url_event("POST", f"/fal/{job_id}", "", {"content-type": "application/json", **headers}, body, "bench", "127.0.0.1")

@@ -21,12 +21,15 @@ if settings.stack_name:
 s3 = wiring.s3_client()
 jobs = wiring.job_store(settings)
 http = wiring.media_http_client()
+finisher = wiring.job_finisher(settings, s3, jobs, http)
 recovery = Recovery(
     jobs=jobs,
     fal=wiring.fal_client(settings, http),
-    finisher=wiring.job_finisher(settings, s3, jobs, http),
+    finisher=finisher,
     recovery_after_seconds=settings.recovery_after_seconds,
     job_max_age_seconds=settings.job_max_age_seconds,
+    admission=finisher.admission,
+    slot_freed=finisher.slot_freed,
 )
 
 
@@ -39,6 +42,10 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     metrics.add_metric(name="JobsRecovered", unit=MetricUnit.Count, value=report.completed)
     metrics.add_metric(name="JobsExpired", unit=MetricUnit.Count, value=report.failed)
     metrics.add_metric(name="JobsStuckUncertain", unit=MetricUnit.Count, value=report.stuck_uncertain)
+    metrics.add_metric(name="JobsWaiting", unit=MetricUnit.Count, value=report.waiting)
+    metrics.add_metric(name="SlotsReclaimed", unit=MetricUnit.Count, value=report.slots_reclaimed)
+    if settings.daily_image_budget:
+        metrics.add_metric(name="ImagesUsedToday", unit=MetricUnit.Count, value=report.images_used_today)
     summary = {
         "checked": report.checked,
         "completed": report.completed,
@@ -47,6 +54,10 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         "notified": report.notified,
         "still_running": report.still_running,
         "stuck_uncertain": report.stuck_uncertain,
+        "back_in_line": report.back_in_line,
+        "slots_reclaimed": report.slots_reclaimed,
+        "waiting": report.waiting,
+        "images_used_today": report.images_used_today,
     }
     logger.info("recovery run", extra={**summary, "errors": len(report.errors)})
     return {**summary, "errors": report.errors[:20]}

@@ -46,6 +46,8 @@ submitter = Submitter(
     fal=fal,
     finisher=finisher,
     cancellation=Cancellation(s3=s3, jobs=jobs, fal=fal, finisher=finisher),
+    admission=finisher.admission,
+    slot_freed=finisher.slot_freed,
 )
 
 _METRIC_OF = {
@@ -54,6 +56,7 @@ _METRIC_OF = {
     Outcome.FAILED: "JobsFailed",
     Outcome.UNCERTAIN: "JobsUncertain",
     Outcome.CANCELLED: "JobsCancelled",
+    Outcome.WAITING: "JobsWaiting",
 }
 
 

@@ -25,4 +25,5 @@ def running_stack() -> Iterator[LocalStack]:
 @pytest.fixture
 def stack(running_stack: LocalStack) -> LocalStack:
     running_stack.emulator.reset()
+    running_stack.free_all_slots()  # fal forgot every request: none holds a slot any more
     return running_stack

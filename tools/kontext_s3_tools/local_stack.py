@@ -966,6 +966,17 @@ class LocalStack:
     def jobs(self) -> JobStore:
         return JobStore(Table(self.client("dynamodb"), self.resources.table))
 
+    def free_all_slots(self) -> int:
+        """Free every admission slot: for tests that reset the emulator, after which fal holds nothing."""
+        ddb = self.client("dynamodb")
+        freed = 0
+        for slot in range(int(self.resources.stack.parameters.get("MaxJobsAtFal", "0"))):
+            item = ddb.get_item(TableName=self.resources.table, Key={"job_id": {"S": f"_slot#{slot}"}}).get("Item")
+            if item and "holder_job" in item:
+                ddb.delete_item(TableName=self.resources.table, Key={"job_id": {"S": f"_slot#{slot}"}})
+                freed += 1
+        return freed
+
     def function_log(self, logical_id: str) -> list[str]:
         return list(self.functions[logical_id].lines)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
+from kontext_s3.admission import Admission
 from kontext_s3.image_types import OUTPUT_FORMAT_TYPES, SNIFF_BYTES, sniff_image
 from kontext_s3.jobs import AT_FAL, Claim, Job, JobState, JobStore, iso, new_holder, now_ms
 from kontext_s3.log import logger
@@ -79,6 +80,28 @@ class JobFinisher:
     layout: OutputLayout
     http: httpx.Client | None = None
     media: MediaPolicy = field(default_factory=lambda: MediaPolicy(allowed_urls=(), max_image_bytes=100 * 1024 * 1024))
+    #: What a job held at fal is given back through (its slot, its budget), and who is told a slot is free.
+    admission: Admission | None = None
+    slot_freed: Callable[[], None] | None = None
+
+    def give_back(self, job: Job, *, never_ran: bool = False) -> None:
+        """Free the job's slot (once, whoever ends it) and tell the line; refund its images if fal never ran it."""
+        if self.admission is None:
+            return
+        if self.admission.release(job.job_id, job.slot) and self.slot_freed is not None:
+            self.slot_freed()
+        if never_ran:
+            self.admission.refund(job.budget_day, job.budget_images or 0)
+
+    def requeue(self, claim: Claim, reason: str) -> Job | None:
+        """fal never started the request before its start timeout: back in line (first), slot and images given back."""
+        back = self.jobs.requeue(claim.job.job_id, claim.holder, reason=reason)
+        if back is None:
+            logger.warning("lost the job while putting it back in line")
+            return None
+        logger.warning("fal could not start the request in time: the upload waits for its turn again", extra={"reason": reason})
+        self.give_back(claim.job, never_ran=True)
+        return back
 
     # -- claiming -------------------------------------------------------------------
 
@@ -107,6 +130,7 @@ class JobFinisher:
         fal: dict[str, Any] | None = None,
         retryable: bool = False,
         took_over: bool = False,
+        never_ran: bool = False,
     ) -> Job | None:
         """Write ``error.json`` beside where the outputs would be, then end the held job as FAILED.
 
@@ -141,6 +165,7 @@ class JobFinisher:
             logger.warning("lost the job while failing it; its current holder decides", extra={"code": code})
             return None
         logger.warning("job failed", extra={"code": code, "reason": message, "error_key": error_key})
+        self.give_back(job, never_ran=never_ran)
         self.notify(ended)
         return ended
 
@@ -261,6 +286,7 @@ class JobFinisher:
                 "copy_seconds": round(time.monotonic() - started, 3),
             },
         )
+        self.give_back(job)
         self.notify(ended)
         return ended
 

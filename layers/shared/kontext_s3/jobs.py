@@ -2,11 +2,13 @@
 
 States::
 
+    SUBMITTING --(no slot, or no budget today)--> WAITING --(its turn)--> SUBMITTING
     SUBMITTING --(sent)--> SENDING --(fal accepted)--> SUBMITTED --(webhook / recovery)--> COMPLETED | FAILED
          |                    |--(fal certainly does not hold it)--> SUBMITTING (sent again later)
          |                    |--(fal refused it: 4xx)--> FAILED
          |                    '--(anything else)--> UNCERTAIN --(webhook / recovery)--> COMPLETED | FAILED
          '--(bad tags, bad object, retries exhausted before sending)--> FAILED
+    SUBMITTED --(fal could not start it before its start timeout)--> WAITING (sent again, with a fresh URL)
 
 **Every change of state is one conditional write that says whether this caller
 won**; only the winner does what follows (copies files, notifies). A caller
@@ -25,7 +27,8 @@ own condition, and the token tells "my write landed" from "someone else's did".
 Open jobs carry ``open_shard`` (``<STATE>#<n>``) and ``open_order`` (when the
 job was last looked at), the keys of the sparse, sharded ``open-jobs`` index:
 the recovery function reads the least recently checked jobs of each state
-first, and marks each one it checks, so it rotates through any backlog. Ended
+first, and marks each one it checks, so it rotates through any backlog. A
+WAITING job's order is its arrival, so the oldest upload waiting goes first. Ended
 jobs leave the index, except those whose event is still to be published
 (``NOTIFY#<n>``).
 """
@@ -58,6 +61,7 @@ _NOTE_CHARS = 500
 
 
 class JobState(StrEnum):
+    WAITING = "WAITING"
     SUBMITTING = "SUBMITTING"
     SENDING = "SENDING"
     SUBMITTED = "SUBMITTED"
@@ -97,6 +101,7 @@ class Job(BaseModel):
     created_at: str
     updated_at: str
     attempts: int = 0
+    arrived_at_ms: int | None = None
     holder: str | None = None
     held_until_ms: int | None = None
     request_id: str | None = None
@@ -106,6 +111,19 @@ class Job(BaseModel):
     cancel_url: str | None = None
     input_json: str | None = None
     sent_at_ms: int | None = None
+    admitted_at_ms: int | None = None
+    #: Admission (see ``admission``): the slot held, and the UTC day and images charged to the budget.
+    slot: int | None = None
+    budget_day: str | None = None
+    budget_images: int | None = None
+    #: Taken from the line (it has no SQS message): if its taker dies, recovery puts it back in line.
+    from_line: bool = False
+    #: While WAITING: for what ("slot" or "budget"), and until when (budget).
+    wait_reason: str | None = None
+    wait_until_ms: int | None = None
+    #: The image's type, kept while it waits, so its turn does not read the object again.
+    content_type: str | None = None
+    queue_position: int | None = None
     uncertain_since_ms: int | None = None
     submitted_at_ms: int | None = None
     ended_at_ms: int | None = None
@@ -240,6 +258,7 @@ class JobStore:
             "created_at": iso(at),
             "updated_at": iso(at),
             "attempts": 1,
+            "arrived_at_ms": at,
             "holder": holder,
             "held_until_ms": at + hold_ms,
             "open_shard": open_shard(JobState.SUBMITTING.value, job_id),
@@ -288,24 +307,131 @@ class JobStore:
             removes=("holder", "held_until_ms"),
         )
 
-    def begin_send(self, job_id: str, holder: str, *, input_json: str) -> Job:
-        """The point of no return: from here the request may be at fal. Raises :class:`JobConflict` if not held."""
+    def wait(self, job_id: str, holder: str, *, reason: str, until_ms: int | None, input_json: str, content_type: str) -> Job | None:
+        """No slot (or no budget) yet: the job waits its turn, in arrival order, holding nothing."""
+        return self._transition(
+            job_id,
+            JobState.WAITING,
+            note=f"waiting for {'the daily budget' if reason == 'budget' else 'a slot'}",
+            condition="#state = :submitting AND holder = :holder",
+            values={
+                ":submitting": "SUBMITTING",
+                ":holder": holder,
+                ":reason": reason,
+                ":until": until_ms or 0,
+                ":input": input_json,
+                ":type": content_type,
+            },
+            sets="wait_reason = :reason, wait_until_ms = :until, input_json = :input, content_type = :type",
+            removes=("holder", "held_until_ms", "from_line"),
+            order_by_arrival=True,
+        )
+
+    def return_to_line(self, job_id: str) -> Job | None:
+        """A job taken from the line whose taker died before sending it: back in line (it has no message to retry it)."""
         at = now_ms()
+        return self._transition(
+            job_id,
+            JobState.WAITING,
+            note="its taker stopped before sending it: back in line",
+            condition="#state = :submitting AND from_line = :true AND held_until_ms < :at",
+            values={":submitting": "SUBMITTING", ":true": True, ":at": at, ":slot": "slot", ":zero": 0},
+            sets="wait_reason = :slot, wait_until_ms = :zero",
+            removes=("holder", "held_until_ms", "from_line"),
+            at=at,
+            order_by_arrival=True,
+        )
+
+    def take_waiting(self, job_id: str, *, holder: str, hold_ms: int) -> Job | None:
+        """Hold a WAITING job to try its turn; ``None`` when another caller took it (or it is no longer waiting)."""
+        at = now_ms()
+        return self._transition(
+            job_id,
+            JobState.SUBMITTING,
+            note="its turn",
+            condition="#state = :waiting",
+            values={":waiting": "WAITING", ":holder": holder, ":until": at + hold_ms, ":true": True},
+            sets="holder = :holder, held_until_ms = :until, from_line = :true",
+            removes=("wait_reason", "wait_until_ms"),
+            at=at,
+        )
+
+    def begin_send(
+        self, job_id: str, holder: str, *, input_json: str, slot: int | None = None, budget_day: str | None = None, images: int = 0
+    ) -> Job:
+        """The point of no return: from here the request may be at fal. Raises :class:`JobConflict` if not held.
+
+        Records what admission granted (the slot, the budget charged), so every ending can give it back.
+        """
+        at = now_ms()
+        values: dict[str, Any] = {":submitting": "SUBMITTING", ":holder": holder, ":input": input_json, ":at": at}
+        sets = "input_json = :input, sent_at_ms = :at, admitted_at_ms = :at"
+        if slot is not None:
+            sets += ", slot = :slot"
+            values[":slot"] = slot
+        if budget_day is not None:
+            sets += ", budget_day = :day, budget_images = :images"
+            values.update({":day": budget_day, ":images": images})
         job = self._transition(
             job_id,
             JobState.SENDING,
             note="sending to fal",
             condition="#state = :submitting AND holder = :holder",
-            values={":submitting": "SUBMITTING", ":holder": holder, ":input": input_json, ":at": at},
-            sets="input_json = :input, sent_at_ms = :at",
+            values=values,
+            sets=sets,
+            removes=("from_line",),
             at=at,
             strict=True,
         )
         assert job is not None
         return job
 
-    def not_enqueued(self, job_id: str, holder: str, *, reason: str) -> Job | None:
-        """fal answered that it does not hold the request: back to SUBMITTING, released."""
+    def requeue(self, job_id: str, holder: str, *, reason: str) -> Job | None:
+        """fal never started the request (its start timeout passed): the job waits again, first in line, for a fresh try."""
+        return self._transition(
+            job_id,
+            JobState.WAITING,
+            note=f"back in line: {reason}",
+            condition="holder = :holder AND #state IN (:submitted, :uncertain)",
+            values={":holder": holder, ":submitted": "SUBMITTED", ":uncertain": "UNCERTAIN", ":reason": "slot", ":zero": 0},
+            sets="wait_reason = :reason, wait_until_ms = :zero",
+            removes=(
+                "holder",
+                "held_until_ms",
+                "request_id",
+                "gateway_request_id",
+                "status_url",
+                "response_url",
+                "cancel_url",
+                "sent_at_ms",
+                "submitted_at_ms",
+                "uncertain_since_ms",
+                "slot",
+                "budget_day",
+                "budget_images",
+                "queue_position",
+            ),
+            order_by_arrival=True,
+        )
+
+    def not_enqueued(self, job_id: str, holder: str, *, reason: str, wait: bool = False) -> Job | None:
+        """fal answered that it does not hold the request: released, to be sent again later.
+
+        Back to SUBMITTING for the upload's SQS message to retry, or, for an upload that
+        was waiting its turn (it has no message), back in line (``wait``).
+        """
+        removes = ("holder", "held_until_ms", "sent_at_ms", "slot", "budget_day", "budget_images")
+        if wait:
+            return self._transition(
+                job_id,
+                JobState.WAITING,
+                note=f"fal did not take it; back in line: {reason}",
+                condition="#state = :sending AND holder = :holder",
+                values={":sending": "SENDING", ":holder": holder, ":reason": reason[:1000], ":slot": "slot", ":zero": 0},
+                sets="error_message = :reason, wait_reason = :slot, wait_until_ms = :zero",
+                removes=removes,
+                order_by_arrival=True,
+            )
         return self._transition(
             job_id,
             JobState.SUBMITTING,
@@ -313,7 +439,7 @@ class JobStore:
             condition="#state = :sending AND holder = :holder",
             values={":sending": "SENDING", ":holder": holder, ":reason": reason[:1000]},
             sets="error_message = :reason",
-            removes=("holder", "held_until_ms", "sent_at_ms"),
+            removes=removes,
         )
 
     def mark_submitted(
@@ -326,6 +452,7 @@ class JobStore:
         status_url: str,
         response_url: str,
         cancel_url: str,
+        queue_position: int | None = None,
     ) -> Job | None:
         """fal accepted it. ``None`` when the job had moved on (its webhook got there first)."""
         at = now_ms()
@@ -346,10 +473,11 @@ class JobStore:
                 ":response": response_url,
                 ":cancel": cancel_url,
                 ":at": at,
+                ":position": queue_position if queue_position is not None else -1,
             },
             sets=(
                 "request_id = :rid, gateway_request_id = :gid, status_url = :status, response_url = :response, "
-                "cancel_url = :cancel, submitted_at_ms = :at"
+                "cancel_url = :cancel, submitted_at_ms = :at, queue_position = :position"
             ),
             removes=("holder", "held_until_ms", "error_message"),
             at=at,
@@ -559,6 +687,7 @@ class JobStore:
         at: int | None = None,
         strict: bool = False,
         open_index: bool = True,
+        order_by_arrival: bool = False,
     ) -> Job | None:
         at = at or now_ms()
         writer = new_holder()
@@ -568,7 +697,11 @@ class JobStore:
             "history = list_append(if_not_exists(history, :empty), :entry)"
         )
         index_values: dict[str, Any] = {}
-        if open_index:
+        if open_index and order_by_arrival:
+            # Waiting in line: ordered by when the upload arrived, not by when it was last looked at.
+            expression += ", open_shard = :shard, open_order = if_not_exists(arrived_at_ms, :order)"
+            index_values = {":shard": open_shard(state.value, job_id), ":order": at}
+        elif open_index:
             expression += ", open_shard = :shard, open_order = :order"
             index_values = {":shard": open_shard(state.value, job_id), ":order": at}
         if sets:

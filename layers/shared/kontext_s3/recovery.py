@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from kontext_s3.admission import Admission
 from kontext_s3.completion import DeliveryFault, JobFinisher
 from kontext_s3.fal_queue import FalError, FalQueueClient, FalRejected
 from kontext_s3.job_id import derive_job_id
@@ -57,6 +58,10 @@ class RecoveryReport:
     still_running: int = 0
     #: UNCERTAIN jobs this run looked at and could not settle (fal may hold them; none is resent).
     stuck_uncertain: int = 0
+    back_in_line: int = 0
+    slots_reclaimed: int = 0
+    images_used_today: int = 0
+    waiting: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -70,7 +75,11 @@ class Recovery:
         recovery_after_seconds: int,
         job_max_age_seconds: int,
         parallel: int = 8,
+        admission: Admission | None = None,
+        slot_freed: Callable[[], None] | None = None,
     ) -> None:
+        self._admission = admission if admission is not None and admission.limited else None
+        self._slot_freed = slot_freed
         self._jobs = jobs
         self._fal = fal
         self._finisher = finisher
@@ -102,12 +111,31 @@ class Recovery:
                 setattr(report, outcome, getattr(report, outcome) + 1)
             elif outcome == "stuck-uncertain":
                 report.stuck_uncertain += 1
+            elif outcome == "back-in-line":
+                report.back_in_line += 1
             else:
                 report.still_running += 1
         skipped = outcomes.count("skipped")
         if skipped:
             logger.info("recovery stopped for lack of time; the next run continues", extra={"left": skipped})
+        if self._admission is not None:
+            report.slots_reclaimed = len(self._admission.reclaim(self._still_needs_slot))
+            report.images_used_today = self._admission.used_today() if self._admission.daily_image_budget else 0
+        report.waiting = len(self._jobs.open_job_ids(JobState.WAITING.value, checked_before_ms=now_ms() + 1, limit=1000))
+        if report.waiting and self._slot_freed is not None:
+            # Every run kicks the line: a lost signal, a new budget day, or fal back up.
+            self._slot_freed()
         return report
+
+    def _still_needs_slot(self, job_id: str, slot: int) -> bool:
+        """Whether the job holding ``slot`` is (or may be) at fal, or about to be: else its slot leaked."""
+        job = self._jobs.get(job_id)
+        if job is None or (job.slot != slot and job.state is not JobState.SUBMITTING):
+            return False
+        if job.state in (JobState.SENDING, JobState.SUBMITTED, JobState.UNCERTAIN):
+            return True
+        # Between taking the slot and sending: alive while its taker's hold is.
+        return job.state is JobState.SUBMITTING and job.holder is not None and not job.hold_lapsed()
 
     def _one(self, job_id: str, action: Callable[[Job, float], str], deadline: float) -> str:
         if time.monotonic() > deadline:
@@ -148,6 +176,11 @@ class Recovery:
                 message=f"fal could not report on the request after {self._max_age_ms // 1000} s: {exc}",
             )
         state = status.get("status")
+        if state == "COMPLETED" and status.get("error_type") in ("request_timeout", "startup_timeout"):
+            claim = self._finisher.claim(job.job_id, deadline=deadline)
+            if claim is None:
+                return "ended-elsewhere"
+            return "back-in-line" if self._finisher.requeue(claim, str(status.get("error"))) else "ended-elsewhere"
         if state == "COMPLETED" and not status.get("error"):
             claim = self._finisher.claim(job.job_id, deadline=deadline)
             if claim is None:
@@ -243,6 +276,9 @@ class Recovery:
         return "uncertain"
 
     def _check_submitting(self, job: Job, deadline: float) -> str:
+        if job.state is JobState.SUBMITTING and job.from_line and job.hold_lapsed():
+            # Taken from the line by a submit function that died before sending: it has no message, so back in line.
+            return "back-in-line" if self._jobs.return_to_line(job.job_id) else "ended-elsewhere"
         if job.state is not JobState.SUBMITTING or not self._too_old(job) or (job.holder is not None and not job.hold_lapsed()):
             return "running"
         claim = self._finisher.claim(job.job_id, deadline=deadline, states=(JobState.SUBMITTING,))
@@ -306,6 +342,7 @@ class Cancellation:
                 message="the input object was deleted before fal started the request, so the request was cancelled",
                 fal={"request_id": job.request_id},
                 took_over=claim.took_over,
+                never_ran=True,
             )
             cancelled.append(job.job_id)
         return cancelled

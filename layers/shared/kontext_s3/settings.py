@@ -42,6 +42,13 @@ class Settings(BaseModel):
     presign_expiry_seconds: int = Field(default=3600, ge=60, le=604800, alias="PRESIGN_EXPIRY_SECONDS")
     max_input_bytes: int = Field(default=50 * 1024 * 1024, gt=0, alias="MAX_INPUT_BYTES")
     max_receive_count: int = Field(default=5, ge=1, alias="MAX_RECEIVE_COUNT")
+    #: Admission (see ``admission``): requests kept open at fal, and images a UTC day may cost; 0 is no limit.
+    max_jobs_at_fal: int = Field(default=0, ge=0, alias="MAX_JOBS_AT_FAL")
+    daily_image_budget: int = Field(default=0, ge=0, alias="DAILY_IMAGE_BUDGET")
+    #: The uploads queue, where a freed slot is signalled to the submit function.
+    uploads_queue_url: str = Field(default="", alias="UPLOADS_QUEUE_URL")
+    #: How long fal keeps its copies of the outputs (X-Fal-Object-Lifecycle-Preference); 0 is fal's default.
+    fal_media_retention_seconds: int = Field(default=0, ge=0, alias="FAL_MEDIA_RETENTION_SECONDS")
     job_ttl_days: int = Field(default=30, ge=1, alias="JOB_TTL_DAYS")
 
     fal_jwks_url: str = Field(default="https://rest.alpha.fal.ai/.well-known/jwks.json", alias="FAL_JWKS_URL")

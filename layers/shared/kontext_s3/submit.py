@@ -27,18 +27,20 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
+from kontext_s3.admission import Admission, Admitted, Wait, is_dispatch
 from kontext_s3.completion import JobFinisher
 from kontext_s3.edit_request import InvalidEditRequest, build_model_input
 from kontext_s3.fal_queue import Accepted, FalQueueClient, NotEnqueued, Refused, SubmitOutcome, Unknown, summarize_detail
 from kontext_s3.image_types import SUPPORTED, sniff_image
 from kontext_s3.job_id import derive_job_id
-from kontext_s3.jobs import Job, JobConflict, JobState, JobStore, new_holder
+from kontext_s3.jobs import Job, JobConflict, JobState, JobStore, new_holder, now_ms
 from kontext_s3.log import logger
 from kontext_s3.model_schema import FieldProblem
 from kontext_s3.output_store import OutputLayout, has_dot_segments
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
 
 class Outcome(StrEnum):
     SUBMITTED = "submitted"
+    WAITING = "waiting"
     DUPLICATE = "duplicate"
     IGNORED = "ignored"
     FAILED = "failed"
@@ -88,6 +91,7 @@ class _Prepared:
 
     body: dict[str, Any]  # the model input, with the object's s3:// address as image_url
     content_type: str
+    images: int  # what fal bills
 
 
 class Submitter:
@@ -100,6 +104,8 @@ class Submitter:
         fal: FalQueueClient,
         finisher: JobFinisher,
         cancellation: Cancellation | None = None,
+        admission: Admission | None = None,
+        slot_freed: Callable[[], None] | None = None,
     ) -> None:
         if not settings.webhook_url:
             raise ValueError("WEBHOOK_URL is not set: fal would have nowhere to report results")
@@ -111,10 +117,14 @@ class Submitter:
         self._fal = fal
         self._finisher = finisher
         self._cancellation = cancellation
+        self._admission = admission if admission is not None and admission.limited else None
+        self._slot_freed = slot_freed
         self._layout = OutputLayout(settings.input_prefix, settings.output_prefix)
 
     def handle_message(self, body: str, *, message_id: str, receive_count: int, deadline: float) -> list[ChangeResult]:
         """Handle one SQS message body. Raises :class:`RetryLater` (or any error) to have it retried."""
+        if is_dispatch(body):
+            return self.dispatch(deadline=deadline)
         try:
             changes = parse_notification(body)
         except MalformedNotification as exc:
@@ -190,7 +200,47 @@ class Submitter:
             return ChangeResult(Outcome.FAILED, change.key, job_id, f"{exc.code}: {exc}")
         except Exception as exc:
             return self._retry_later(job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False)
-        return self._send(job, holder, change, prepared, receive_count=receive_count, deadline=deadline)
+        return self._take_turn(job, holder, prepared, receive_count=receive_count, deadline=deadline, in_line=False)
+
+    # -- admission and the line -------------------------------------------------------------
+
+    def _take_turn(self, job: Job, holder: str, prepared: _Prepared, *, receive_count: int, deadline: float, in_line: bool) -> ChangeResult:
+        """Send the job if admission grants it a slot and the day's images; else it waits in line (nothing is failed)."""
+        try:
+            decision = self._admission.admit(job.job_id, prepared.images) if self._admission else Admitted(None, None, prepared.images)
+        except Exception as exc:
+            if in_line:  # it has no message to retry it: back in line, then the fault is reported
+                self._put_back(job, holder, prepared, Wait("slot"))
+                raise
+            return self._retry_later(job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False)
+        if isinstance(decision, Wait):
+            self._put_back(job, holder, prepared, decision)
+            logger.info(decision.sentence(), extra={"wait_reason": decision.reason})
+            return ChangeResult(Outcome.WAITING, job.key, job.job_id, decision.reason)
+        return self._send(job, holder, prepared, decision, receive_count=receive_count, deadline=deadline, in_line=in_line)
+
+    def dispatch(self, *, deadline: float) -> list[ChangeResult]:
+        """Give free slots to the uploads waiting longest, until none is free (the signal that one was freed starts this)."""
+        results: list[ChangeResult] = []
+        hold_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + 10_000
+        for job_id in self._jobs.open_job_ids(JobState.WAITING.value, checked_before_ms=now_ms() + 1, limit=50):
+            if deadline - time.monotonic() < 5:  # too little time to hear fal's answer: the next signal continues
+                break
+            holder = new_holder()
+            job = self._jobs.take_waiting(job_id, holder=holder, hold_ms=hold_ms)
+            if job is None:
+                continue  # another dispatcher took it
+            logger.thread_safe_append_keys(job_id=job.job_id, object_key=job.key)
+            try:
+                body = json.loads(job.input_json or "{}")
+                prepared = _Prepared(body=body, content_type=job.content_type or "image/jpeg", images=int(body.get("num_images") or 1))
+                result = self._take_turn(job, holder, prepared, receive_count=0, deadline=deadline, in_line=True)
+            finally:
+                logger.thread_safe_remove_keys(["job_id", "object_key"])
+            results.append(result)
+            if result.outcome is Outcome.WAITING:
+                break  # no slot (or no budget) left: the next freed slot signals again
+        return results
 
     def _take_over(self, job_id: str, key: str, holder: str, hold_ms: int) -> Job | ChangeResult:
         """The job exists: take it up again if nothing was sent for it, else report the duplicate."""
@@ -225,22 +275,41 @@ class Submitter:
             raise _UserError("invalid_tags", f"the tags do not describe a valid edit: {exc}", exc.problems) from exc
         content_type = self._check_image(change)
         # With the s3:// address: the presigned URL is a credential, never stored.
-        return _Prepared(body=model_input.to_request_body(), content_type=content_type)
+        return _Prepared(body=model_input.to_request_body(), content_type=content_type, images=model_input.num_images)
 
     def _send(
-        self, job: Job, holder: str, change: ObjectChange, prepared: _Prepared, *, receive_count: int, deadline: float
+        self, job: Job, holder: str, prepared: _Prepared, admitted: Admitted, *, receive_count: int, deadline: float, in_line: bool
     ) -> ChangeResult:
         try:
             key = self._fal.key()
-            image_url = self._reachable_image(change, prepared.content_type)
+            # Made now, after admission: the URL's life starts when its turn comes, not when it was uploaded.
+            image_url, start_within = self._reachable_image(job, prepared.content_type)
         except Exception as exc:  # nothing has been sent yet
-            return self._retry_later(job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False)
+            self._give_back(job.job_id, admitted)
+            reason = f"{type(exc).__name__}: {exc}"
+            if in_line:
+                self._put_back(job, holder, prepared, Wait("slot"))
+                return ChangeResult(Outcome.WAITING, job.key, job.job_id, reason)
+            return self._retry_later(job, holder, receive_count, reason, code="retries_exhausted", sent=False)
         try:
-            self._jobs.begin_send(job.job_id, holder, input_json=json.dumps(prepared.body, sort_keys=True))
+            sending = self._jobs.begin_send(
+                job.job_id,
+                holder,
+                input_json=json.dumps(prepared.body, sort_keys=True),
+                slot=admitted.slot,
+                budget_day=admitted.budget_day,
+                images=admitted.images,
+            )
         except JobConflict:
+            self._give_back(job.job_id, admitted)
             logger.warning("lost the job before sending it (its hold lapsed and another worker took it); nothing sent")
-            return ChangeResult(Outcome.DUPLICATE, change.key, job.job_id, "hold lost")
+            return ChangeResult(Outcome.DUPLICATE, job.key, job.job_id, "hold lost")
         # From here the request may be at fal: every path below ends in a recorded state, never a resend.
+        headers = {"X-Fal-Request-Timeout": str(start_within)} if start_within else {}
+        if self._settings.fal_media_retention_seconds:
+            headers["X-Fal-Object-Lifecycle-Preference"] = json.dumps(
+                {"expiration_duration_seconds": self._settings.fal_media_retention_seconds}
+            )
         outcome: SubmitOutcome | None = None
         try:
             outcome = self._fal.submit(
@@ -249,17 +318,43 @@ class Submitter:
                 webhook_url=f"{self._settings.webhook_url}/fal/{job.job_id}",
                 deadline=deadline,
                 key=key,
+                headers=headers,
             )
-            return self._settle(job, holder, change, outcome, receive_count=receive_count)
+            return self._settle(sending, holder, admitted, outcome, receive_count=receive_count, in_line=in_line)
         except RetryLater:
             raise
         except Exception as exc:
             reason = f"our own failure after sending ({type(exc).__name__}: {redact(str(exc))}); not resent, to never pay twice"
             request_id = outcome.request.request_id if isinstance(outcome, Accepted) else getattr(outcome, "request_id", None)
             self._record_uncertain(job, holder, reason, request_id)
-            return ChangeResult(Outcome.UNCERTAIN, change.key, job.job_id, reason, fal_attempts=getattr(outcome, "attempts", 1))
+            return ChangeResult(Outcome.UNCERTAIN, job.key, job.job_id, reason, fal_attempts=getattr(outcome, "attempts", 1))
 
-    def _settle(self, job: Job, holder: str, change: ObjectChange, outcome: SubmitOutcome, *, receive_count: int) -> ChangeResult:
+    def _put_back(self, job: Job, holder: str, prepared: _Prepared, wait: Wait) -> None:
+        """The job waits (again) in line, in its arrival order, with what its turn needs."""
+        self._jobs.wait(
+            job.job_id,
+            holder,
+            reason=wait.reason,
+            until_ms=wait.until_ms,
+            input_json=json.dumps(prepared.body, sort_keys=True),
+            content_type=prepared.content_type,
+        )
+
+    def _give_back(self, job_id: str, admitted: Admitted) -> None:
+        """What admission granted for a request fal does not hold: the slot and the images.
+
+        The line is not told: this happens when fal (or our own sending) failed, and telling it would
+        send the next upload into the same failure at once, and again. Recovery kicks the line on its
+        schedule, and every job that ends frees its slot with a signal.
+        """
+        if self._admission is None:
+            return
+        self._admission.release(job_id, admitted.slot)
+        self._admission.refund(admitted.budget_day, admitted.images)
+
+    def _settle(
+        self, job: Job, holder: str, admitted: Admitted, outcome: SubmitOutcome, *, receive_count: int, in_line: bool
+    ) -> ChangeResult:
         """Record what fal's answer proves."""
         attempts = outcome.attempts
         match outcome:
@@ -273,20 +368,25 @@ class Submitter:
                         status_url=queued.status_url,
                         response_url=queued.response_url,
                         cancel_url=queued.cancel_url,
+                        queue_position=queued.queue_position,
                     )
                 )
                 if recorded is None:
                     current = self._jobs.get(job.job_id)
                     if current is None or current.request_id != queued.request_id:
                         self._record_uncertain(job, holder, "fal accepted it but recording that failed; not resent", queued.request_id)
-                        return ChangeResult(Outcome.UNCERTAIN, change.key, job.job_id, queued.request_id, attempts)
+                        return ChangeResult(Outcome.UNCERTAIN, job.key, job.job_id, queued.request_id, attempts)
                 logger.info("submitted to fal", extra={"request_id": queued.request_id, "queue_position": queued.queue_position})
-                return ChangeResult(Outcome.SUBMITTED, change.key, job.job_id, queued.request_id, attempts)
-            case NotEnqueued(reason=reason) if outcome.is_auth:
-                # Our key, not the user's input: keep the upload and let the operator fix the secret.
-                text = f"fal refused our key ({reason}); check the fal key secret"
-                return self._retry_later(job, holder, receive_count, text, code="fal_unavailable", sent=True, attempts=attempts)
+                return ChangeResult(Outcome.SUBMITTED, job.key, job.job_id, queued.request_id, attempts)
             case NotEnqueued(reason=reason):
+                # Nothing is at fal: what admission granted goes back, and the upload is sent again later.
+                self._give_back(job.job_id, admitted)
+                if outcome.is_auth:  # our key, not the user's input: keep the upload and let the operator fix the secret
+                    reason = f"fal refused our key ({reason}); check the fal key secret"
+                if in_line:
+                    self._jobs.not_enqueued(job.job_id, holder, reason=reason, wait=True)
+                    logger.warning("fal did not take the request; the upload is back in line", extra={"reason": reason})
+                    return ChangeResult(Outcome.WAITING, job.key, job.job_id, reason, attempts)
                 return self._retry_later(job, holder, receive_count, reason, code="fal_unavailable", sent=True, attempts=attempts)
             case Refused(reason=reason, status_code=status, detail=detail):
                 self._finisher.fail(
@@ -297,11 +397,12 @@ class Submitter:
                     message=reason,
                     problems=_fal_problems(detail),
                     fal={"status_code": status, "detail": detail},
+                    never_ran=True,
                 )
-                return ChangeResult(Outcome.FAILED, change.key, job.job_id, reason, attempts)
+                return ChangeResult(Outcome.FAILED, job.key, job.job_id, reason, attempts)
             case Unknown(reason=reason, request_id=request_id):
                 self._record_uncertain(job, holder, f"{reason}; not resent, to never pay twice", request_id)
-                return ChangeResult(Outcome.UNCERTAIN, change.key, job.job_id, reason, attempts)
+                return ChangeResult(Outcome.UNCERTAIN, job.key, job.job_id, reason, attempts)
         raise AssertionError(f"unhandled outcome {outcome!r}")
 
     def _record_uncertain(self, job: Job, holder: str, reason: str, request_id: str | None) -> None:
@@ -401,13 +502,21 @@ class Submitter:
             )
         return content_type
 
-    def _reachable_image(self, change: ObjectChange, content_type: str) -> str:
-        """A URL fal can fetch the exact uploaded version from, made just before sending."""
-        kwargs = _version_args(change)
+    def _reachable_image(self, job: Job, content_type: str) -> tuple[str, int | None]:
+        """A URL fal can fetch the uploaded version from, and how soon fal must start the request to find it valid.
+
+        fal's runner fetches the input when the request starts, after any wait in fal's queue; a
+        presigned URL expires. So the submit asks fal (``X-Fal-Request-Timeout``) to start it well
+        within the URL's life, or not at all: a request that could not start is sent again later,
+        with a fresh URL. A data URI does not expire.
+        """
+        kwargs = {"Bucket": job.bucket, "Key": job.key, **({"VersionId": job.version_id} if job.version_id else {})}
         if self._settings.image_transport == "data-uri":
             data = self._s3.get_object(**kwargs)["Body"].read()  # type: ignore[arg-type]
-            return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
-        return self._s3.generate_presigned_url("get_object", Params=kwargs, ExpiresIn=self._settings.presign_expiry_seconds)
+            return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}", None
+        expiry = self._settings.presign_expiry_seconds
+        url = self._s3.generate_presigned_url("get_object", Params=kwargs, ExpiresIn=expiry)
+        return url, max(2, expiry - min(60, expiry // 2))
 
     def _retry_later(
         self, job: Job, holder: str, receive_count: int, reason: str, *, code: str, sent: bool, attempts: int = 0

@@ -13,11 +13,13 @@ In order, and with no side effect before the last check passes:
 5. the body is a fal webhook document for that same request (400 otherwise).
 
 Then a job that already ended answers 200 and changes nothing (fal retries
-webhooks). Otherwise the webhook claims the job: if another caller holds it, it
-answers 409 and fal's retry finds the outcome. An OK payload becomes outputs
-and a manifest; an ERROR payload or a ``payload_error`` becomes an error
-record. A download or S3 fault, or time running out, answers 502 early enough
-for fal to retry, and leaves the job open for that retry (or recovery).
+webhooks). A request fal could not start before its start timeout was never
+run: the upload goes back in line (first) for a fresh try, it is not failed.
+Otherwise the webhook claims the job: if another caller holds it, it answers
+409 and fal's retry finds the outcome. An OK payload becomes outputs and a
+manifest; an ERROR payload or a ``payload_error`` becomes an error record. A
+download or S3 fault, or time running out, answers 502 early enough for fal to
+retry, and leaves the job open for that retry (or recovery).
 """
 
 from __future__ import annotations
@@ -120,6 +122,9 @@ class WebhookReceiver:
                 return self._already_ended(current)
             return _refuse(409, "another caller is finishing this job; retry later")
         try:
+            if not succeeded and never_started(document):
+                back = self._finisher.requeue(claim, str(document.get("error") or "fal could not start it in time"))
+                return WebhookAnswer(200, {"job_id": job_id, "state": (back or job).state.value, "note": "back in line"})
             if succeeded:
                 ended = self._finisher.succeed(claim, document["payload"], deadline=deadline)
             else:
@@ -158,6 +163,13 @@ class WebhookReceiver:
             logger.error("publishing a missed event failed; fal's retry publishes it", extra={"reason": str(exc)})
             return WebhookAnswer(503, {"error": "event not yet published; retry later"})
         return WebhookAnswer(200, {"job_id": job.job_id, "state": job.state.value, "note": "already recorded"})
+
+
+def never_started(document: Mapping[str, Any]) -> bool:
+    """Whether fal reports that the request timed out before a runner started it (``X-Fal-Request-Timeout``): it never ran."""
+    payload = document.get("payload")
+    error_type = document.get("error_type") or (payload.get("error_type") if isinstance(payload, dict) else None)
+    return error_type in ("request_timeout", "startup_timeout")
 
 
 def deadline_from(remaining_ms: int, *, margin_seconds: float = 8.0) -> float:

@@ -19,6 +19,7 @@ import boto3
 import httpx
 from botocore.config import Config
 
+from kontext_s3.admission import Admission, DispatchSignal
 from kontext_s3.completion import JobFinisher, MediaPolicy
 from kontext_s3.dynamo import Table
 from kontext_s3.fal_queue import FalQueueClient
@@ -73,6 +74,14 @@ def job_events(settings: Settings) -> JobEvents:
     )
 
 
+def admission(settings: Settings, jobs: JobStore) -> Admission:
+    return Admission(jobs.table, max_jobs_at_fal=settings.max_jobs_at_fal, daily_image_budget=settings.daily_image_budget)
+
+
+def slot_freed(settings: Settings) -> DispatchSignal:
+    return DispatchSignal(lazy(lambda: boto3.client("sqs", config=aws_config())), settings.uploads_queue_url)
+
+
 def job_finisher(settings: Settings, s3: Any, jobs: JobStore, http: httpx.Client | None = None) -> JobFinisher:
     return JobFinisher(
         s3=s3,
@@ -81,6 +90,8 @@ def job_finisher(settings: Settings, s3: Any, jobs: JobStore, http: httpx.Client
         layout=OutputLayout(settings.input_prefix, settings.output_prefix),
         http=http,
         media=MediaPolicy(allowed_urls=settings.allowed_media_urls, max_image_bytes=settings.max_output_image_bytes),
+        admission=admission(settings, jobs),
+        slot_freed=slot_freed(settings),
     )
 
 

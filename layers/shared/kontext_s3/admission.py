@@ -1,0 +1,224 @@
+"""Admission: how many requests this stack keeps open at fal, and how many images a UTC day may cost.
+
+fal runs at most L of an account's requests at once and queues the rest; a
+request queued there for long finds its presigned input URL expired when it
+finally starts. So the stack keeps its own queue (WAITING jobs in the jobs
+table) and submits only when it holds one of ``MAX_JOBS_AT_FAL`` slots, and
+only while the day's ``DAILY_IMAGE_BUDGET`` allows the images asked.
+
+* A **slot** is an item ``_slot#<i>`` of the jobs table naming the job that
+  holds it. Taking one is a conditional write on a free slot, so two callers
+  can never both take the last one; releasing is a conditional write on "held
+  by this job", so a slot is freed at most once, whichever path ends the job.
+  The slot's number is kept on the job.
+* The **budget** is an item ``_budget#<YYYY-MM-DD>`` counting the images
+  admitted that UTC day, charged by a conditional add that refuses to pass the
+  budget, and refunded when fal never ran the request.
+* A slot leaked by a crash (its job ended, waits, or lost its sender before
+  sending) is found and freed by :meth:`Admission.reclaim`, which the
+  recovery function runs.
+
+``MAX_JOBS_AT_FAL`` 0 and ``DAILY_IMAGE_BUDGET`` 0 mean no limit: every call
+admits at once and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from kontext_s3.log import logger
+
+if TYPE_CHECKING:
+    from kontext_s3.dynamo import TableLike
+
+SLOT_PREFIX = "_slot#"
+BUDGET_PREFIX = "_budget#"
+
+
+@dataclass(frozen=True)
+class Admitted:
+    #: The slot held (None when slots are unlimited).
+    slot: int | None
+    #: The UTC day charged, and how many images (None when the budget is unlimited).
+    budget_day: str | None
+    images: int
+
+
+@dataclass(frozen=True)
+class Wait:
+    reason: str  # "slot" or "budget"
+    #: When waiting for the budget: when the next UTC day starts (epoch ms).
+    until_ms: int | None = None
+
+    def sentence(self, ahead: int | None = None) -> str:
+        if self.reason == "budget":
+            when = datetime.fromtimestamp((self.until_ms or 0) / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+            return f"waiting for the daily budget (resets at {when})"
+        return "waiting for a slot" + (f" ({ahead} ahead)" if ahead is not None else "")
+
+
+def _conditional_failure(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+class Admission:
+    def __init__(self, table: TableLike, *, max_jobs_at_fal: int, daily_image_budget: int, clock: Callable[[], float] = time.time) -> None:
+        self._table = table
+        self.max_jobs_at_fal = max_jobs_at_fal
+        self.daily_image_budget = daily_image_budget
+        self._clock = clock
+
+    @property
+    def limited(self) -> bool:
+        return self.max_jobs_at_fal > 0 or self.daily_image_budget > 0
+
+    def today(self) -> str:
+        return datetime.fromtimestamp(self._clock(), tz=UTC).strftime("%Y-%m-%d")
+
+    def next_day_ms(self) -> int:
+        now = datetime.fromtimestamp(self._clock(), tz=UTC)
+        return int((now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)).timestamp() * 1000)
+
+    # -- taking and giving back -------------------------------------------------------------
+
+    def admit(self, job_id: str, images: int) -> Admitted | Wait:
+        """A slot and the day's images for ``job_id``, or why it must wait (nothing is held then)."""
+        day = None
+        if self.daily_image_budget > 0:
+            day = self.today()
+            if not self._charge(day, images):
+                return Wait("budget", self.next_day_ms())
+        slot = None
+        if self.max_jobs_at_fal > 0:
+            slot = self._take_slot(job_id)
+            if slot is None:
+                if day is not None:
+                    self.refund(day, images)
+                return Wait("slot")
+        return Admitted(slot, day, images)
+
+    def release(self, job_id: str, slot: int | None) -> bool:
+        """Free ``slot`` if ``job_id`` holds it; True when this call freed it (so at most one caller does)."""
+        if slot is None:
+            return False
+        try:
+            self._table.update_item(
+                Key={"job_id": f"{SLOT_PREFIX}{slot}"},
+                UpdateExpression="REMOVE holder_job, taken_at_ms",
+                ConditionExpression="holder_job = :job",
+                ExpressionAttributeValues={":job": job_id},
+            )
+        except ClientError as exc:
+            if _conditional_failure(exc):
+                return False
+            raise
+        return True
+
+    def refund(self, day: str | None, images: int) -> None:
+        """Give back a day's images for a request fal never ran (refused, or never started)."""
+        if day is None or images <= 0:
+            return
+        self._table.update_item(
+            Key={"job_id": f"{BUDGET_PREFIX}{day}"},
+            UpdateExpression="ADD used :minus",
+            ExpressionAttributeValues={":minus": -images},
+        )
+
+    # -- what recovery reads ------------------------------------------------------------------
+
+    def holders(self) -> dict[int, str]:
+        """Which job holds each slot now."""
+        held = {}
+        for slot in range(self.max_jobs_at_fal):
+            item = self._table.get_item(Key={"job_id": f"{SLOT_PREFIX}{slot}"}, ConsistentRead=True).get("Item")
+            if item and item.get("holder_job"):
+                held[slot] = str(item["holder_job"])
+        return held
+
+    def used_today(self) -> int:
+        item = self._table.get_item(Key={"job_id": f"{BUDGET_PREFIX}{self.today()}"}, ConsistentRead=True).get("Item")
+        return int(item.get("used", 0)) if item else 0
+
+    def reclaim(self, still_needs_slot: Callable[[str, int], bool]) -> list[int]:
+        """Free the slots whose job no longer needs one (a crash leaked them); returns the slots freed."""
+        freed = []
+        for slot, job_id in self.holders().items():
+            if not still_needs_slot(job_id, slot) and self.release(job_id, slot):
+                logger.warning("a leaked slot was freed", extra={"slot": slot, "job_id": job_id})
+                freed.append(slot)
+        return freed
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _charge(self, day: str, images: int) -> bool:
+        try:
+            self._table.update_item(
+                Key={"job_id": f"{BUDGET_PREFIX}{day}"},
+                UpdateExpression="ADD used :n SET expires_at = if_not_exists(expires_at, :expires)",
+                # A condition cannot add: "used + n <= budget" is written "used <= budget - n".
+                ConditionExpression="attribute_not_exists(used) OR used <= :room",
+                ExpressionAttributeValues={
+                    ":n": images,
+                    ":room": self.daily_image_budget - images,
+                    ":expires": int(self._clock()) + 8 * 86400,
+                },
+            )
+        except ClientError as exc:
+            if _conditional_failure(exc):
+                return False
+            raise
+        return True
+
+    def _take_slot(self, job_id: str) -> int | None:
+        # Start where the job's id points, so concurrent takers spread over the slots instead of colliding.
+        try:
+            first = int(job_id[:8], 16) % self.max_jobs_at_fal
+        except ValueError:
+            first = 0
+        for offset in range(self.max_jobs_at_fal):
+            slot = (first + offset) % self.max_jobs_at_fal
+            try:
+                self._table.update_item(
+                    Key={"job_id": f"{SLOT_PREFIX}{slot}"},
+                    UpdateExpression="SET holder_job = :job, taken_at_ms = :at",
+                    ConditionExpression="attribute_not_exists(holder_job)",
+                    ExpressionAttributeValues={":job": job_id, ":at": int(self._clock() * 1000)},
+                )
+            except ClientError as exc:
+                if _conditional_failure(exc):
+                    continue
+                raise
+            return slot
+        return None
+
+
+DISPATCH = {"kontext_s3": "dispatch"}
+
+
+def is_dispatch(body: str) -> bool:
+    """Whether an uploads-queue message is the signal that a slot is free (not an S3 notification)."""
+    return body.startswith('{"kontext_s3"') and '"dispatch"' in body
+
+
+class DispatchSignal:
+    """Tells the submit function (through its own queue) that a slot is free, so the next waiting upload goes promptly."""
+
+    def __init__(self, sqs: Any, queue_url: str) -> None:
+        self._sqs = sqs
+        self._queue_url = queue_url
+
+    def __call__(self) -> None:
+        if not self._queue_url:
+            return
+        try:
+            self._sqs.send_message(QueueUrl=self._queue_url, MessageBody=json.dumps(DISPATCH))
+        except (ClientError, BotoCoreError) as exc:
+            # The recovery function dispatches on every run: a lost signal delays the line, it loses nothing.
+            logger.warning("could not signal the submit function that a slot is free", extra={"reason": str(exc)})
