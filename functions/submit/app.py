@@ -64,7 +64,7 @@ def _handle(record: SQSRecord, deadline: float) -> list[ChangeResult]:
     return submitter.handle_message(
         record.body,
         message_id=record.message_id,
-        receive_count=int(record.attributes.approximate_receive_count or 1),
+        receive_count=int(record.attributes.get("ApproximateReceiveCount") or 1),
         deadline=deadline,
     )
 

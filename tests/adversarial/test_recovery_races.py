@@ -16,10 +16,10 @@ from kontext_s3.job_id import derive_job_id
 from kontext_s3.jobs import Job, JobState, JobStore, new_holder
 from kontext_s3.output_store import OutputLayout
 from kontext_s3_tools.local_stack import LambdaContext
-from tests.adversarial.conftest import World
 from tests.adversarial.hostile import Reply, ScriptedHost
 from tests.adversarial.test_webhook_attacks import _consistent, post
 from tests.helpers import FAL_KEY, jpeg_bytes
+from tests.world import World
 
 pytestmark = pytest.mark.adversarial
 

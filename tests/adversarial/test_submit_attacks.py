@@ -21,8 +21,8 @@ from kontext_s3.jobs import JobState
 from kontext_s3.model_schema import MAX_PROMPT_CHARS
 from kontext_s3.tag_codec import PIECE_CHARS, encode_tags
 from kontext_s3_tools.aws_gateway import Call, dynamodb_error
-from tests.adversarial.conftest import World, our_log_lines
 from tests.adversarial.hostile import Reply, ScriptedHost, Seen
+from tests.world import World, our_log_lines
 
 pytestmark = pytest.mark.adversarial
 

@@ -18,9 +18,9 @@ import pytest
 
 from kontext_s3.jobs import Job, JobState, JobStore, new_holder
 from kontext_s3.output_store import OutputLayout
-from tests.adversarial.conftest import World
 from tests.adversarial.hostile import Reply, ScriptedHost
 from tests.helpers import jpeg_bytes
+from tests.world import World
 
 pytestmark = pytest.mark.adversarial
 

@@ -129,7 +129,7 @@ def parse_call(method: str, target: str, headers: dict[str, str], body: bytes) -
         body=body,
         service=service or ("s3" if not amz_target else ""),
         action=action,
-        access_key=credential.group(1) if credential else None,
+        access_key=credential.group(1) if credential else (query.get("AWSAccessKeyId", [None])[0]),
         presigned="X-Amz-Signature" in query or "Signature" in query,
     )
 
@@ -212,16 +212,15 @@ class AwsGateway:
         """A presigned S3 URL: refused past its own expiry or its session's, judged, then passed on (moto cannot read them)."""
         query = {k: v[0] for k, v in call.query.items()}
         now = time.time()
-        if "X-Amz-Date" in query:
+        if "X-Amz-Date" in query:  # SigV4: signed at X-Amz-Date, for X-Amz-Expires seconds
             signed = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
             expires = signed + int(query.get("X-Amz-Expires", "604800"))
-            if now > expires:
-                return s3_error(
-                    403,
-                    "AccessDenied",
-                    "Request has expired",
-                    {"X-Amz-Expires": query.get("X-Amz-Expires", ""), "Expires": _iso(expires), "ServerTime": _iso(now)},
-                )
+            extra = {"X-Amz-Expires": query.get("X-Amz-Expires", ""), "Expires": _iso(expires), "ServerTime": _iso(now)}
+        else:  # SigV2: Expires is the epoch second it ends
+            expires = float(query.get("Expires", "inf"))
+            extra = {"Expires": _iso(expires) if expires != float("inf") else "", "ServerTime": _iso(now)}
+        if now > expires:
+            return s3_error(403, "AccessDenied", "Request has expired", extra)
         if identity is not None:
             if now > identity.session_expires:
                 return s3_error(400, "ExpiredToken", "The provided token has expired.", {})

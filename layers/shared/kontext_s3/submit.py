@@ -124,7 +124,13 @@ class Submitter:
     def handle_message(self, body: str, *, message_id: str, receive_count: int, deadline: float) -> list[ChangeResult]:
         """Handle one SQS message body. Raises :class:`RetryLater` (or any error) to have it retried."""
         if is_dispatch(body):
-            return self.dispatch(deadline=deadline)
+            try:
+                return self.dispatch(deadline=deadline)
+            except Exception as exc:
+                logger.exception(
+                    "dispatching the line failed; the signal will be retried", extra={"message_id": message_id, "reason": redact(str(exc))}
+                )
+                raise
         try:
             changes = parse_notification(body)
         except MalformedNotification as exc:

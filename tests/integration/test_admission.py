@@ -1,0 +1,298 @@
+"""Admission: slots taken once and given back once on every path that ends a job; a daily budget; nothing failed for waiting."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from kontext_s3.admission import Admission, Admitted, Wait, is_dispatch
+from kontext_s3.jobs import Job, JobState, JobStore, new_holder
+from kontext_s3_tools.local_stack import LambdaContext, SqsPoller, sqs_event
+from tests.helpers import Aws, jpeg_bytes
+from tests.world import World, world
+
+__all__ = ["world"]
+
+DAY = 24 * 3600
+
+
+def slots(world: World, count: int = 1) -> dict[int, str]:
+    return Admission(world.aws.table(), max_jobs_at_fal=count, daily_image_budget=0).holders()
+
+
+def dispatch_messages(world: World) -> int:
+    """Dispatch signals now in the uploads queue (taken off it)."""
+    found = 0
+    for message in world.aws.receive(wait=1):
+        if is_dispatch(message["Body"]):
+            found += 1
+            world.aws.sqs.delete_message(QueueUrl=world.aws.resources.queue_url, ReceiptHandle=message["ReceiptHandle"])
+        else:
+            world.aws.sqs.change_message_visibility(
+                QueueUrl=world.aws.resources.queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+            )
+    return found
+
+
+def until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "it") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- the store of slots and budget ---------------------------------------------------------------
+
+
+def test_two_takers_never_both_take_the_last_slot(aws: Aws) -> None:
+    admission = Admission(aws.table(), max_jobs_at_fal=1, daily_image_budget=0)
+    decisions: list[Admitted | Wait] = []
+    threads = [threading.Thread(target=lambda i=i: decisions.append(admission.admit(f"{i:032x}", 1))) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(isinstance(d, Admitted) for d in decisions) == 1
+    assert len(admission.holders()) == 1
+
+
+def test_a_slot_is_given_back_once_and_then_taken_by_the_next(aws: Aws) -> None:
+    admission = Admission(aws.table(), max_jobs_at_fal=1, daily_image_budget=0)
+    first = admission.admit("a" * 32, 1)
+    assert isinstance(first, Admitted) and first.slot == 0
+    assert isinstance(admission.admit("b" * 32, 1), Wait)
+    assert admission.release("b" * 32, 0) is False  # not the holder
+    assert admission.release("a" * 32, 0) is True
+    assert admission.release("a" * 32, 0) is False  # at most once
+    assert isinstance(admission.admit("b" * 32, 1), Admitted)
+
+
+def test_the_budget_counts_images_refuses_past_it_and_starts_again_the_next_utc_day(aws: Aws) -> None:
+    now = [1_795_600_000.0]
+    admission = Admission(aws.table(), max_jobs_at_fal=0, daily_image_budget=5, clock=lambda: now[0])
+    assert isinstance(admission.admit("a" * 32, 2), Admitted)
+    assert isinstance(admission.admit("b" * 32, 3), Admitted)
+    refused = admission.admit("c" * 32, 1)
+    assert isinstance(refused, Wait) and refused.reason == "budget"
+    assert refused.until_ms == admission.next_day_ms() and "resets at" in refused.sentence()
+    admission.refund(admission.today(), 3)  # fal never ran one of them
+    assert isinstance(admission.admit("c" * 32, 1), Admitted)
+    assert admission.used_today() == 3
+    now[0] += DAY
+    assert admission.used_today() == 0 and isinstance(admission.admit("d" * 32, 4), Admitted)
+
+
+# -- every path that ends a job gives its slot back, once -------------------------------------------------
+
+
+def submitted_with_slot(world: World, submit: ModuleType, key: str, **faults: int) -> Job:
+    world.emulator.set_faults(**{"processing_ms": 1000, **faults})  # still at fal when the slot is looked at
+    version = world.upload(key)
+    assert world.deliver(submit, world.upload_event()) == []
+    job = world.job(key, version)
+    assert job.slot is not None, job.state
+    assert slots(world) == {job.slot: job.job_id}
+    return job
+
+
+def freed_once(world: World, job: Job) -> None:
+    until(lambda: slots(world) == {}, what="the slot to be given back")
+    assert dispatch_messages(world) == 1  # the line was told once
+    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(job.job_id, job.slot) is False
+
+
+@pytest.fixture
+def limited(world: World) -> tuple[World, ModuleType, str]:
+    _, server = world.webhook(MAX_JOBS_AT_FAL="1", FAL_USER_ID=world.emulator.user_id)
+    submit = world.submit(webhook_url=server.url, MAX_JOBS_AT_FAL="1")
+    return world, submit, server.url
+
+
+def test_the_slot_comes_back_when_the_webhook_delivers_the_outputs(limited: tuple[World, ModuleType, str]) -> None:
+    world, submit, _ = limited
+    job = submitted_with_slot(world, submit, "inputs/ok.jpg")
+    until(lambda: world.job("inputs/ok.jpg", job.version_id or "").state is JobState.COMPLETED)
+    freed_once(world, job)
+
+
+def test_the_slot_comes_back_when_the_webhook_reports_an_error(limited: tuple[World, ModuleType, str]) -> None:
+    world, submit, _ = limited
+    job = submitted_with_slot(world, submit, "inputs/error.jpg", error_result=1)
+    until(lambda: world.job("inputs/error.jpg", job.version_id or "").state is JobState.FAILED)
+    freed_once(world, job)
+
+
+def test_the_slot_comes_back_when_recovery_finds_the_job_ended(limited: tuple[World, ModuleType, str]) -> None:
+    world, submit, _ = limited
+    job = submitted_with_slot(world, submit, "inputs/lost.jpg", lose_webhook=1)
+    until(lambda: world.emulator.requests[str(job.request_id)].status == "COMPLETED")
+    recover = world.recover(MAX_JOBS_AT_FAL="1", RECOVERY_AFTER_SECONDS="0")
+    recover.lambda_handler({}, LambdaContext("recover", 60))
+    assert world.job("inputs/lost.jpg", job.version_id or "").state is JobState.COMPLETED
+    freed_once(world, job)
+
+
+def test_the_slot_comes_back_when_a_deleted_input_is_cancelled_at_fal(limited: tuple[World, ModuleType, str]) -> None:
+    world, submit, _ = limited
+    job = submitted_with_slot(world, submit, "inputs/deleted.jpg", queue_ms=30_000)
+    world.aws.s3.delete_object(Bucket=job.bucket, Key=job.key, VersionId=job.version_id)
+    removal = world.upload_event()
+    body = json.loads(removal["Body"])
+    body["Records"][0]["s3"]["object"]["versionId"] = job.version_id  # S3 names it; moto does not
+    assert world.deliver(submit, {**removal, "Body": json.dumps(body)}) == []
+    assert world.job("inputs/deleted.jpg", job.version_id or "").error_code == "cancelled"
+    freed_once(world, job)
+
+
+def test_the_slot_comes_back_when_recovery_ends_a_job_past_its_max_age(limited: tuple[World, ModuleType, str]) -> None:
+    world, submit, _ = limited
+    job = submitted_with_slot(world, submit, "inputs/old.jpg", queue_ms=30_000)
+    time.sleep(1.2)
+    recover = world.recover(MAX_JOBS_AT_FAL="1", RECOVERY_AFTER_SECONDS="0", JOB_MAX_AGE_SECONDS="1")
+    recover.lambda_handler({}, LambdaContext("recover", 60))
+    assert world.job("inputs/old.jpg", job.version_id or "").error_code == "timed_out"
+    freed_once(world, job)
+
+
+def test_the_slot_comes_back_when_fal_refuses_the_submit(world: World) -> None:
+    submit = world.submit(MAX_JOBS_AT_FAL="1", FAL_ENDPOINT="fal-ai/flux-pro/kontext/max/unknown")
+    version = world.upload("inputs/refused.jpg")
+    assert world.deliver(submit, world.upload_event()) == []
+    job = world.job("inputs/refused.jpg", version)
+    assert job.state is JobState.FAILED and job.error_code == "fal_rejected"
+    freed_once(world, job)
+
+
+def test_an_uncertain_submit_keeps_its_slot_until_it_is_resolved(limited: tuple[World, ModuleType, str]) -> None:
+    world, _, webhook_url = limited
+    submit = world.submit(webhook_url=webhook_url, MAX_JOBS_AT_FAL="1", FAL_TIMEOUT_SECONDS="0.5")
+    world.emulator.set_faults(submit_delay_ms=1500)  # fal takes it, but answers after our timeout
+    version = world.upload("inputs/uncertain.jpg")
+    assert world.deliver(submit, world.upload_event()) == []
+    job = world.job("inputs/uncertain.jpg", version)
+    assert job.state is JobState.UNCERTAIN and slots(world) == {job.slot: job.job_id}  # fal may hold it: the slot is held
+    until(lambda: world.job("inputs/uncertain.jpg", version).state is JobState.COMPLETED, what="its webhook")
+    freed_once(world, job)
+
+
+def test_a_request_fal_could_not_start_in_time_goes_back_in_line_and_is_sent_again_with_a_fresh_url(world: World) -> None:
+    world.emulator.queue.set_concurrency(1)
+    try:
+        _, server = world.webhook(MAX_JOBS_AT_FAL="2")
+        # A 60 s URL gives fal 30 s to start the request.
+        submit = world.submit(webhook_url=server.url, MAX_JOBS_AT_FAL="2", PRESIGN_EXPIRY_SECONDS="60")
+        world.emulator.set_faults(processing_ms=35_000)
+        blocker = world.upload("inputs/slow.jpg")
+        assert world.deliver(submit, world.upload_event()) == []
+        world.emulator.set_faults(processing_ms=0)
+        starved = world.upload("inputs/starved.jpg")
+        assert world.deliver(submit, world.upload_event()) == []
+        first = world.job("inputs/starved.jpg", starved)
+        first_url = world.emulator.submits()[-1]["body"]["image_url"]
+        assert world.emulator.submits()[-1]["headers"]["X-Fal-Request-Timeout"] == "30"
+        back = until(
+            lambda: (j := world.job("inputs/starved.jpg", starved)).state is JobState.WAITING and j, timeout=45, what="it back in line"
+        )
+        assert back.request_id is None and back.slot is None and back.attempts == first.attempts  # not failed, not retried as a fault
+        assert world.emulator.requests[str(first.request_id)].started_at is None  # it never ran
+        assert dispatch_messages(world) >= 1
+        # Its turn again: a new request, with a new URL.
+        assert submit.lambda_handler(dispatch_event(world), LambdaContext("submit", 60)) == {"batchItemFailures": []}
+        again = world.job("inputs/starved.jpg", starved)
+        assert again.state in (JobState.SUBMITTED, JobState.COMPLETED) and again.request_id != first.request_id
+        assert world.emulator.submits()[-1]["body"]["image_url"] != first_url
+        assert world.job("inputs/slow.jpg", blocker).state is not JobState.FAILED
+    finally:
+        world.emulator.queue.set_concurrency(None)
+
+
+def dispatch_event(world: World) -> dict[str, Any]:
+    body = json.dumps({"kontext_s3": "dispatch"})
+    message = {"MessageId": str(uuid.uuid4()), "ReceiptHandle": "r", "Body": body, "Attributes": {"ApproximateReceiveCount": "1"}}
+    return sqs_event([message], world.aws.resources.queue_arn)
+
+
+# -- races and leaks -------------------------------------------------------------------------------------
+
+
+def test_two_submit_functions_racing_for_the_last_slot_send_one_and_line_up_the_other(world: World) -> None:
+    first, second = world.submit(MAX_JOBS_AT_FAL="1"), world.submit(MAX_JOBS_AT_FAL="1")
+    world.emulator.set_faults(queue_ms=30_000, submit_delay_ms=200)
+    versions = [world.upload("inputs/race-a.jpg"), world.upload("inputs/race-b.jpg")]
+    messages = world.aws.upload_events(2)
+    threads = [
+        threading.Thread(target=world.deliver, args=(module, message)) for module, message in zip((first, second), messages, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    states = sorted(
+        world.job(key, version).state.value for key, version in zip(("inputs/race-a.jpg", "inputs/race-b.jpg"), versions, strict=True)
+    )
+    assert states == ["SUBMITTED", "WAITING"]
+    assert world.posts() == 1 and len(slots(world)) == 1
+
+
+def test_a_slot_leaked_by_a_crash_is_found_and_given_back_by_recovery(world: World) -> None:
+    store = JobStore(world.aws.table())
+    job_id = uuid.uuid4().hex
+    # A submit function took a slot for this job, then died before sending it: its hold lapses.
+    store.create(
+        job_id=job_id, bucket=world.aws.resources.bucket, key="inputs/crash.jpg", version_id="v", etag=None, sequencer=None,
+        event_time=None, output_prefix="outputs/crash.jpg/x/", holder=new_holder(), hold_ms=-1,
+    )  # fmt: skip
+    assert isinstance(Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).admit(job_id, 1), Admitted)
+    recover = world.recover(MAX_JOBS_AT_FAL="1")
+    report = recover.lambda_handler({}, LambdaContext("recover", 60))
+    assert report["slots_reclaimed"] == 1 and slots(world) == {}
+
+
+def test_waiting_uploads_do_not_count_towards_the_dlq(world: World) -> None:
+    submit = world.submit(MAX_JOBS_AT_FAL="1")
+    world.emulator.set_faults(queue_ms=60_000)
+    world.upload("inputs/holds-the-slot.jpg")
+    assert world.deliver(submit, world.upload_event()) == []
+    version = world.upload("inputs/waits.jpg")
+    message = world.upload_event()
+    for receive_count in range(1, 4):  # redelivered (an at-least-once duplicate), it stays waiting
+        assert world.deliver(submit, message, receive_count) == []
+    job = world.job("inputs/waits.jpg", version)
+    assert job.state is JobState.WAITING and job.attempts == 1
+    assert world.aws.receive(world.aws.resources.dlq_url, wait=0) == []
+
+
+# -- the daily budget ---------------------------------------------------------------------------------------
+
+
+def test_a_day_of_80_uploads_with_a_budget_of_50_images_runs_50_and_the_rest_the_next_day(world: World) -> None:
+    _, server = world.webhook(MAX_JOBS_AT_FAL="0", DAILY_IMAGE_BUDGET="50")
+    submit = world.submit(webhook_url=server.url, MAX_JOBS_AT_FAL="0", DAILY_IMAGE_BUDGET="50")
+    today = [1_795_600_000.0]
+    submit.submitter._admission._clock = lambda: today[0]  # the injected clock
+    keys = [f"inputs/day/{i:02d}.jpg" for i in range(80)]
+    for key in keys:
+        world.aws.s3.put_object(Bucket=world.aws.resources.bucket, Key=key, Body=jpeg_bytes(), Tagging="prompt=a%20day")
+    poller = SqsPoller(
+        submit.lambda_handler, endpoint=world.aws.endpoint, queue_url=world.aws.resources.queue_url, queue_arn=world.aws.resources.queue_arn
+    )
+    until(lambda: poller.poll_once(wait_seconds=1) == 0 and len(world.jobs_states()) == 80, timeout=120, what="every upload handled")
+    until(lambda: world.jobs_states().count("COMPLETED") == 50, timeout=60, what="50 edits")
+    states = world.jobs_states()
+    assert states.count("WAITING") == 30 and "FAILED" not in states
+    assert world.posts() == 50
+    today[0] += 86_400  # the UTC day turns; recovery kicks the line
+    for _ in range(2):
+        submit.lambda_handler(dispatch_event(world), LambdaContext("submit", 60))
+    until(lambda: world.jobs_states().count("COMPLETED") == 80, timeout=90, what="the other 30")
+    assert world.posts() == 80

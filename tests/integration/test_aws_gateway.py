@@ -1,0 +1,57 @@
+"""The AWS gateway in front of moto: S3's refusal of expired presigned URLs, and per-resource judgement of other calls."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from botocore.config import Config
+from botocore.credentials import Credentials
+
+from kontext_s3_tools.aws_gateway import AwsGateway, Identity
+from kontext_s3_tools.local_stack import TEST_CREDENTIALS, aws_session
+from tests.helpers import Aws
+
+
+@pytest.fixture
+def gateway(aws: Aws) -> Iterator[AwsGateway]:
+    running = AwsGateway(aws.endpoint, admin=TEST_CREDENTIALS).start()
+    yield running
+    running.stop()
+
+
+def test_a_presigned_url_works_until_its_expiry_and_is_then_refused_as_s3_refuses_it(aws: Aws, gateway: AwsGateway) -> None:
+    aws.s3.put_object(Bucket=aws.resources.bucket, Key="outputs/p.txt", Body=b"hello")
+    s3 = aws_session().client("s3", endpoint_url=gateway.url, config=Config(signature_version="s3v4"))  # as the submit function signs
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": aws.resources.bucket, "Key": "outputs/p.txt"}, ExpiresIn=2)
+    assert httpx.get(url).content == b"hello"
+    time.sleep(2.5)
+    expired = httpx.get(url)
+    assert expired.status_code == 403
+    assert "<Code>AccessDenied</Code>" in expired.text and "Request has expired" in expired.text
+    assert "<X-Amz-Expires>2</X-Amz-Expires>" in expired.text
+
+
+def test_a_presigned_url_dies_with_the_session_that_signed_it(aws: Aws, gateway: AwsGateway) -> None:
+    aws.s3.put_object(Bucket=aws.resources.bucket, Key="inputs/p.jpg", Body=b"x")
+    statements = [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}]
+    gateway.add_identity("ASIAENDEDSESSION", Identity("SubmitFunction", "arn:aws:sts::1:assumed-role/r/s", statements, time.time() - 1))
+    signer = aws_session(Credentials("ASIAENDEDSESSION", "secret", "token")).client("s3", endpoint_url=gateway.url)
+    url = signer.generate_presigned_url("get_object", Params={"Bucket": aws.resources.bucket, "Key": "inputs/p.jpg"}, ExpiresIn=3600)
+    answer = httpx.get(url)
+    assert answer.status_code == 400 and "ExpiredToken" in answer.text
+
+
+def test_a_judged_call_outside_the_roles_policy_is_refused_naming_the_action_and_resource(aws: Aws, gateway: AwsGateway) -> None:
+    table_arn = f"arn:aws:dynamodb:us-east-1:123456789012:table/{aws.resources.table}"
+    statements = [{"Effect": "Allow", "Action": ["dynamodb:GetItem"], "Resource": table_arn}]
+    gateway.add_identity("ASIAREADONLY", Identity("WebhookFunction", "arn:aws:sts::1:assumed-role/r/s", statements, time.time() + 3600))
+    ddb = aws_session(Credentials("ASIAREADONLY", "secret", "token")).client("dynamodb", endpoint_url=gateway.url)
+    assert "Item" not in ddb.get_item(TableName=aws.resources.table, Key={"job_id": {"S": "nothing"}})
+    with pytest.raises(ddb.exceptions.ClientError) as refused:
+        ddb.put_item(TableName=aws.resources.table, Item={"job_id": {"S": "x"}})
+    assert refused.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert f"not authorized to perform: dynamodb:PutItem on resource: {table_arn}" in str(refused.value)
+    assert [(j.action, j.allowed) for j in gateway.recorded_judgements()] == [("dynamodb:GetItem", True), ("dynamodb:PutItem", False)]
