@@ -9,7 +9,7 @@ PYENV_FOR_SAM := 3.11.7:3.12.1:3.13.0
 HOST_PLATFORM := manylinux2014_$(shell uname -m)
 SAM := SAM_CLI_TELEMETRY=0 PYENV_VERSION=$(PYENV_FOR_SAM) $(BIN)/sam
 
-.PHONY: demo stack test test-fast lint typecheck template bench load build build-host lock clean
+.PHONY: demo stack test test-fast lint typecheck template bench load load-limited load-unlimited load-busy build build-host lock clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,19 @@ bench: $(BIN)/.installed build-host
 
 load: $(BIN)/.installed build-host
 	$(BIN)/python -m kontext_s3_tools.load --uploads 500
+
+# Admission under fal's limit (issue 13): 2,000 uploads, fal running 4 at once, 60 s presigned URLs.
+LIMITED := --uploads 2000 --fal-concurrency 4 --processing-ms 100 --presign-seconds 60
+load-limited: $(BIN)/.installed build-host
+	$(BIN)/python -m kontext_s3_tools.load --name load-limited $(LIMITED) --max-jobs-at-fal 6
+
+# The same world without admission: what MaxJobsAtFal prevents.
+load-unlimited: $(BIN)/.installed build-host
+	$(BIN)/python -m kontext_s3_tools.load --name load-unlimited $(LIMITED) --max-jobs-at-fal 0
+
+# Closer to the model's seconds per edit: are fal's slots kept busy while uploads wait?
+load-busy: $(BIN)/.installed build-host
+	$(BIN)/python -m kontext_s3_tools.load --name load-busy --uploads 200 --fal-concurrency 4 --processing-ms 1000 --presign-seconds 60 --max-jobs-at-fal 6
 
 # The deployable artifact: sam build, for python3.13 on arm64 (layers/shared/Makefile, functions/Makefile).
 build: $(BIN)/.installed

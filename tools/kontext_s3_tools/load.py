@@ -1,10 +1,19 @@
 """``python -m kontext_s3_tools.load``: push many uploads through the local stack and account for each.
 
-For every upload it checks what a user is promised: exactly one request accepted
-by fal (so paid for once) and one complete output set (every image and the
-manifest), or a recorded failure. It reports lost and duplicated uploads,
-throughput and upload-to-outputs latency, and writes the figures to JSON.
-This is a measurement, not a test: nothing here asserts a time.
+For every upload it checks what a user is promised: exactly one request that fal
+ran (so paid for once) and one complete output set (every image and the
+manifest), or a recorded failure; and nothing lost, duplicated or dead-lettered.
+The accounting reads the bucket with one paginated listing and the jobs table
+with one paginated scan, whatever the number of uploads.
+
+It also reports how fal was used: the emulator's concurrency limit, the peak
+of requests running and of requests open (queued or running) at fal, how busy
+fal's slots were while uploads waited, how long a freed slot stayed unused
+before the next submit (webhook to next submit), how many requests fal could
+not start in time (back in line), and the moto server's peak memory.
+
+Results go to ``out/<name>.json`` (the functions' logs to ``out/<name>-logs/``); this is a measurement, nothing here
+asserts a time. Ctrl-C stops the stack and keeps a partial report.
 """
 
 from __future__ import annotations
@@ -19,16 +28,15 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from kontext_s3.jobs import JobState
-from kontext_s3_tools.cli import Uploaded, upload_bytes
+from kontext_s3.tag_codec import encode_tags, tagging_header
 from kontext_s3_tools.emulator import Faults
-from kontext_s3_tools.local_stack import LocalStack
+from kontext_s3_tools.local_stack import ROOT, LocalStack
+
+OUT = ROOT / "out"
 
 
 def _image(index: int) -> bytes:
@@ -37,118 +45,229 @@ def _image(index: int) -> bytes:
     return buffer.getvalue()
 
 
-def run(uploads: int, *, concurrency: int, uploaders: int, num_images: int, faults: dict[str, int], timeout: float) -> dict[str, Any]:
-    stack = LocalStack(parameters={"SubmitMaxConcurrency": str(concurrency)}, max_receive_count=5, recovery_interval_seconds=None).start()
+def _peak_rss_mb(pid: int | None) -> float | None:
     try:
-        stack.emulator.set_faults(**faults)
-        target = stack.target()
-        images = [_image(i) for i in range(uploads)]
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def percentiles(values: list[float], digits: int = 2) -> dict[str, float | int] | None:
+    """Median and p95 (nearest rank) of some measurements, with how many there were."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    p95 = ordered[max(0, int(len(ordered) * 0.95) - 1)]
+    return {"p50": round(statistics.median(ordered), digits), "p95": round(p95, digits), "samples": len(ordered)}
+
+
+def _progress(text: str) -> None:
+    print(f"\r  {text:<100}", end="", flush=True)
+
+
+def _busy_ratio(timeline: list[tuple[float, int, int]], start: float, end: float, limit: int | None) -> float | None:
+    """Mean IN_PROGRESS over [start, end] divided by fal's limit: how much of fal's capacity ran while uploads waited."""
+    if not limit or end <= start or not timeline:
+        return None
+    area, previous_t, previous_running = 0.0, start, 0
+    for t, running, _ in timeline:
+        if t <= start:
+            previous_running = running
+            continue
+        if t >= end:
+            break
+        area += (t - previous_t) * previous_running
+        previous_t, previous_running = t, running
+    area += (end - previous_t) * previous_running
+    return round(area / ((end - start) * limit), 3)
+
+
+def _handoff_gaps(stack: LocalStack, until: float) -> list[float]:
+    """Seconds from each delivered webhook (a slot freed) to the next submit fal received, while uploads still waited."""
+    submits = sorted(r["at"] for r in stack.emulator.submits())
+    gaps = []
+    for delivery in stack.emulator.deliveries:
+        at = delivery.get("at", 0.0)
+        if delivery.get("status_code") != 200 or at >= until:
+            continue
+        later = next((s for s in submits if s >= at), None)
+        if later is not None:
+            gaps.append(later - at)
+    return gaps
+
+
+def _account(stack: LocalStack, keys: list[str], num_images: int) -> dict[str, Any]:
+    """Every upload's end, from one scan of the jobs table and one listing of the outputs."""
+    table = stack.client("dynamodb")
+    jobs: dict[str, dict[str, Any]] = {}
+    for page in table.get_paginator("scan").paginate(TableName=stack.resources.table):
+        for item in page["Items"]:
+            if not item["job_id"]["S"].startswith("_"):
+                jobs[item["key"]["S"]] = {name: next(iter(value.values())) for name, value in item.items()}
+    outputs: Counter[str] = Counter()
+    for page in (
+        stack.client("s3").get_paginator("list_objects_v2").paginate(Bucket=stack.resources.bucket, Prefix=stack.resources.output_prefix)
+    ):
+        for item in page.get("Contents", []):
+            prefix = item["Key"].rsplit("/", 1)[0] + "/"
+            outputs[prefix] += 1
+    accepted = stack.accepted_requests_per_job()
+    report: dict[str, Any] = {"completed_once": 0, "failed": 0, "lost": 0, "duplicated": 0, "waiting": 0, "incomplete_output_sets": 0}
+    failures: Counter[str] = Counter()
+    latencies: list[float] = []
+    for key in keys:
+        job = jobs.get(key)
+        state = job.get("state") if job else None
+        if job and accepted[job["job_id"]] > 1:
+            report["duplicated"] += 1
+        if state == "COMPLETED":
+            if outputs[job["output_prefix"]] == num_images + 1 and accepted[job["job_id"]] == 1:  # type: ignore[index]
+                report["completed_once"] += 1
+                latencies.append((int(job["ended_at_ms"]) - int(job["arrived_at_ms"])) / 1000)  # type: ignore[index]
+            else:
+                report["incomplete_output_sets"] += 1
+        elif state == "FAILED":
+            report["failed"] += 1
+            failures[str(job.get("error_code"))] += 1  # type: ignore[union-attr]
+        elif state == "WAITING":
+            report["waiting"] += 1
+        else:
+            report["lost"] += 1
+    report["failure_codes"] = dict(failures)
+    report["last_ended_at_ms"] = max((int(j["ended_at_ms"]) for j in jobs.values() if j.get("ended_at_ms")), default=None)
+    report["upload_to_outputs_s"] = percentiles(latencies)
+    attributes = stack.client("sqs").get_queue_attributes(QueueUrl=stack.resources.dlq_url, AttributeNames=["ApproximateNumberOfMessages"])
+    report["dlq"] = int(attributes["Attributes"]["ApproximateNumberOfMessages"])
+    return report
+
+
+def run(
+    uploads: int,
+    *,
+    fal_concurrency: int | None,
+    processing_ms: int,
+    max_jobs_at_fal: int,
+    presign_seconds: int,
+    submit_concurrency: int = 5,
+    uploaders: int = 8,
+    num_images: int = 1,
+    faults: dict[str, int] | None = None,
+    timeout: float = 1500.0,
+) -> dict[str, Any]:
+    parameters = {
+        "MaxJobsAtFal": str(max_jobs_at_fal),
+        "PresignExpirySeconds": str(presign_seconds),
+        "SubmitMaxConcurrency": str(submit_concurrency),
+        "WebhookReservedConcurrency": "20",
+    }
+    report: dict[str, Any] = {
+        "uploads": uploads,
+        "fal_limit": fal_concurrency,
+        "max_jobs_at_fal_setting": max_jobs_at_fal,
+        "settings": {"processing_ms": processing_ms, "presign_seconds": presign_seconds, "submit_concurrency": submit_concurrency},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+    }
+    with LocalStack(parameters=parameters, max_receive_count=5, recovery_interval_seconds=60.0, fal_concurrency=fal_concurrency) as stack:
+        stack.emulator.set_faults(processing_ms=processing_ms, **(faults or {}))
+        s3 = stack.client("s3")
+        tags = tagging_header(encode_tags({"prompt": "Load test: make it glow, please!", "num_images": num_images}))
+        keys = [f"inputs/load/{i:05d}.jpg" for i in range(uploads)]
+        images = [_image(i) for i in range(min(uploads, 64))]
         print(f"uploading {uploads} images with {uploaders} threads ...", flush=True)
         started = time.monotonic()
+        started_wall = time.time()
 
-        def one(index: int) -> Uploaded:
-            fields = {"prompt": f"Load test #{index}: make it glow, please!", "num_images": num_images, "seed": index}
-            return upload_bytes(target, images[index], f"{index}.jpg", fields, key=f"inputs/load/{index:04d}.jpg")
+        def one(index: int) -> None:
+            s3.put_object(Bucket=stack.resources.bucket, Key=keys[index], Body=images[index % len(images)], Tagging=tags)
 
-        with ThreadPoolExecutor(max_workers=uploaders) as pool:
-            uploaded = list(pool.map(one, range(uploads)))
-        upload_seconds = time.monotonic() - started
-        print(f"uploaded in {upload_seconds:.1f} s; waiting for every job to end ...", flush=True)
-
-        store = stack.jobs()
-        pending = {u.job_id: u for u in uploaded}
-        ended: dict[str, Any] = {}
-        deadline = time.monotonic() + timeout
-        last_report = 0.0
-        while pending and time.monotonic() < deadline:
-            for job_id in list(pending):
-                job = store.get(job_id)
-                if job is not None and job.state.ended:
-                    ended[job_id] = job
-                    del pending[job_id]
-            if time.monotonic() - last_report > 5:
-                print(f"  {len(ended)}/{uploads} ended after {time.monotonic() - started:.0f} s", flush=True)
-                last_report = time.monotonic()
-            if pending:
-                time.sleep(0.5)
-        wall = time.monotonic() - started
-
-        accepted = stack.accepted_requests_per_job()
-        s3 = stack.client("s3")
-        complete, incomplete, failed, duplicated = 0, [], [], []
-        latencies = []
-        for item in uploaded:
-            job = ended.get(item.job_id)
-            if accepted[item.job_id] > 1:
-                duplicated.append(item.key)
-            if job is None:
-                continue
-            if job.state is JobState.FAILED:
-                failed.append({"key": item.key, "error": job.error_message})
-                continue
-            listing = s3.list_object_versions(Bucket=target.bucket, Prefix=item.output_prefix)
-            versions = Counter(v["Key"] for v in listing.get("Versions", []))
-            expected = {f"{item.output_prefix}image-{i}.jpg" for i in range(num_images)} | {f"{item.output_prefix}manifest.json"}
-            if set(versions) == expected and accepted[item.job_id] == 1:
-                complete += 1
-            else:
-                incomplete.append(item.key)
-            if job.event_time and job.ended_at_ms:
-                uploaded_at = datetime.fromisoformat(job.event_time.replace("Z", "+00:00")).timestamp() * 1000
-                latencies.append((job.ended_at_ms - uploaded_at) / 1000)
-        lost = [u.key for u in uploaded if u.job_id not in ended]
-        latencies.sort()
-        report = {
-            "uploads": uploads,
-            "completed_with_one_output_set": complete,
-            "failed_recorded": len(failed),
-            "lost": len(lost),
-            "duplicated_fal_requests": len(duplicated),
-            "incomplete_output_sets": len(incomplete),
-            "fal_requests_accepted": sum(accepted.values()),
-            "fal_submits_received": len(stack.emulator.submits()),
-            "wall_seconds": round(wall, 1),
-            "throughput_uploads_per_second": round(uploads / wall, 2) if wall else None,
-            "latency_seconds": {
-                "p50": round(statistics.median(latencies), 2) if latencies else None,
-                "p95": round(latencies[int(len(latencies) * 0.95) - 1], 2) if latencies else None,
-                "max": round(latencies[-1], 2) if latencies else None,
-            },
-            "settings": {"submit_concurrency": concurrency, "uploaders": uploaders, "num_images": num_images, "faults": faults},
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-            "examples": {"lost": lost[:5], "duplicated": duplicated[:5], "incomplete": incomplete[:5], "failed": failed[:5]},
-            "submit_handler_errors": stack.poller.errors[:5],
-        }
-        return report
-    finally:
-        stack.stop()
+        try:
+            with ThreadPoolExecutor(max_workers=uploaders) as pool:
+                list(pool.map(one, range(uploads)))
+            report["upload_s"] = round(time.monotonic() - started, 1)
+            deadline = time.monotonic() + timeout
+            ended = 0
+            while time.monotonic() < deadline:
+                requests = list(stack.emulator.requests.values())
+                states = Counter(r.status for r in requests)
+                ended = sum(1 for r in requests if r.status == "COMPLETED" and r.error is None)
+                running, queued = stack.emulator.queue.counts()
+                _progress(
+                    f"{ended}/{uploads} edited at fal | at fal now: {running} running, {queued} queued | "
+                    f"{len(requests)} requests | {time.monotonic() - started:.0f} s"
+                )
+                if ended >= uploads and states.get("IN_QUEUE", 0) == 0:
+                    break
+                time.sleep(2)
+            # Let the last webhooks land before counting.
+            time.sleep(3)
+            print()
+        except KeyboardInterrupt:
+            print("\ninterrupted: accounting for what happened so far", file=sys.stderr)
+            report["interrupted"] = True
+        report["wall_s"] = round(time.monotonic() - started, 1)
+        report.update(_account(stack, keys, num_images))
+        last_ended = report.pop("last_ended_at_ms")
+        # Throughput counts from the first upload to the last job's end, not to when this loop noticed.
+        report["first_upload_to_last_end_s"] = round(last_ended / 1000 - started_wall, 1) if last_ended else None
+        report["uploads_per_s"] = round(report["completed_once"] / report["first_upload_to_last_end_s"], 2) if last_ended else None
+        snapshot = stack.emulator.queue.snapshot()
+        report["max_in_progress_at_fal"] = snapshot["peak_in_progress"]
+        report["max_open_at_fal"] = snapshot["peak_open"]
+        submits = stack.emulator.submits()
+        last_submit = max((s["at"] for s in submits), default=started_wall)
+        report["fal_submits_received"] = len(submits)
+        report["fal_requests"] = len(stack.emulator.requests)
+        report["back_in_line_not_started_in_time"] = sum(1 for r in stack.emulator.requests.values() if r.error_type == "request_timeout")
+        report["fal_busy_ratio"] = _busy_ratio(stack.emulator.queue.stats.timeline, started_wall, last_submit, fal_concurrency)
+        report["webhook_to_next_submit_s"] = percentiles(_handoff_gaps(stack, last_submit), digits=3)
+        report["moto_peak_rss_mb"] = _peak_rss_mb(stack.moto.pid())
+        report["function_cold_starts"] = {name: f.cold_starts for name, f in stack.functions.items()}
+        report["logs"] = str(stack.log_dir)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kontext_s3_tools.load", description=__doc__)
+    parser.add_argument("--name", default="load", help="the report is out/<name>.json")
     parser.add_argument("--uploads", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=4, help="local submit pollers (Lambda's SQS concurrency)")
+    parser.add_argument("--fal-concurrency", type=int, default=None, help="the emulator's concurrency limit (fal's account limit)")
+    parser.add_argument("--processing-ms", type=int, default=0, help="how long fal's runner takes per request")
+    parser.add_argument("--max-jobs-at-fal", type=int, default=4, help="the MaxJobsAtFal parameter (0: no admission)")
+    parser.add_argument("--presign-seconds", type=int, default=3600, help="the PresignExpirySeconds parameter")
+    parser.add_argument("--submit-concurrency", type=int, default=5, help="the SubmitMaxConcurrency parameter")
     parser.add_argument("--uploaders", type=int, default=8)
     parser.add_argument("--num-images", type=int, default=1)
-    parser.add_argument(
-        "--fault", action="append", default=[], metavar="NAME=N", help="emulator faults during the run, e.g. submit_429=100"
-    )
-    parser.add_argument("--timeout", type=float, default=900.0)
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/load.json"))
+    parser.add_argument("--fault", action="append", default=[], metavar="NAME=N", help="emulator faults, e.g. submit_429=100")
+    parser.add_argument("--timeout", type=float, default=1500.0)
     args = parser.parse_args(argv)
-    report = run(
-        args.uploads,
-        concurrency=args.concurrency,
-        uploaders=args.uploaders,
-        num_images=args.num_images,
-        faults=Faults.parse(args.fault),
-        timeout=args.timeout,
-    )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(report, indent=2))
-    ok = report["lost"] == 0 and report["duplicated_fal_requests"] == 0 and report["incomplete_output_sets"] == 0
-    print(f"{'OK' if ok else 'NOT OK'}: {report['lost']} lost, {report['duplicated_fal_requests']} duplicated, written to {args.output}")
+    os.environ.setdefault("KONTEXT_LOG_DIR", str(OUT / f"{args.name}-logs"))
+    try:
+        report = run(
+            args.uploads,
+            fal_concurrency=args.fal_concurrency,
+            processing_ms=args.processing_ms,
+            max_jobs_at_fal=args.max_jobs_at_fal,
+            presign_seconds=args.presign_seconds,
+            submit_concurrency=args.submit_concurrency,
+            uploaders=args.uploaders,
+            num_images=args.num_images,
+            faults=Faults.parse(args.fault),
+            timeout=args.timeout,
+        )
+    except KeyboardInterrupt:
+        print("\ninterrupted before the stack was up", file=sys.stderr)
+        return 130
+    OUT.mkdir(parents=True, exist_ok=True)
+    output = OUT / f"{args.name}.json"
+    report["command"] = "python -m kontext_s3_tools.load " + " ".join(argv if argv is not None else sys.argv[1:])
+    output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("machine", "settings")}, indent=2))
+    ok = report["completed_once"] == args.uploads and report["lost"] == report["duplicated"] == report["dlq"] == report["failed"] == 0
+    print(f"{'OK' if ok else 'NOT OK'}: {report['completed_once']}/{args.uploads} completed once; written to {output.relative_to(ROOT)}")
     return 0 if ok else 1
 
 
