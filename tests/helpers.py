@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image
 
+from kontext_s3.dynamo import Table
 from kontext_s3_tools.local_stack import LambdaContext, Resources, aws_session, sqs_event
 
 FAL_KEY = "test-key-id:test-key-secret"
@@ -33,7 +34,8 @@ class Aws:
         return self.client("sqs")
 
     def table(self) -> Any:
-        return aws_session().resource("dynamodb", endpoint_url=self.endpoint).Table(self.resources.table)
+        # The same plain-value table the functions use (kontext_s3.dynamo), over the low-level client.
+        return Table(self.client("dynamodb"), self.resources.table)
 
     def receive(self, queue_url: str | None = None, wait: int = 2, visibility: int | None = None) -> list[dict[str, Any]]:
         kwargs: dict[str, Any] = {

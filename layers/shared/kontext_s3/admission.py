@@ -135,11 +135,12 @@ class Admission:
 
     def holders(self) -> dict[int, str]:
         """Which job holds each slot now."""
-        held = {}
-        for slot in range(self.max_jobs_at_fal):
-            item = self._table.get_item(Key={"job_id": f"{SLOT_PREFIX}{slot}"}, ConsistentRead=True).get("Item")
-            if item and item.get("holder_job"):
-                held[slot] = str(item["holder_job"])
+        held: dict[int, str] = {}
+        keys = [{"job_id": f"{SLOT_PREFIX}{slot}"} for slot in range(self.max_jobs_at_fal)]
+        for start in range(0, len(keys), 100):  # BatchGetItem reads up to 100 keys
+            for item in self._table.batch_get(keys[start : start + 100]):
+                if item.get("holder_job"):
+                    held[int(str(item["job_id"]).removeprefix(SLOT_PREFIX))] = str(item["holder_job"])
         return held
 
     def used_today(self) -> int:
@@ -182,8 +183,13 @@ class Admission:
             first = int(job_id[:8], 16) % self.max_jobs_at_fal
         except ValueError:
             first = 0
+        # One read says which slots look free, so a full house costs one call instead of a failed write per slot
+        # (and every upload that arrives while others wait meets a full house). The conditional write still decides.
+        held = self.holders()
         for offset in range(self.max_jobs_at_fal):
             slot = (first + offset) % self.max_jobs_at_fal
+            if slot in held:
+                continue
             try:
                 self._table.update_item(
                     Key={"job_id": f"{SLOT_PREFIX}{slot}"},

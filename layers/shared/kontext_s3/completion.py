@@ -131,6 +131,7 @@ class JobFinisher:
         retryable: bool = False,
         took_over: bool = False,
         never_ran: bool = False,
+        recipe: dict[str, Any] | None = None,
     ) -> Job | None:
         """Write ``error.json`` beside where the outputs would be, then end the held job as FAILED.
 
@@ -143,6 +144,8 @@ class JobFinisher:
             "kontext_s3_error": MANIFEST_VERSION,
             "job_id": job.job_id,
             "source": source_of(job),
+            "recipe": recipe or job.recipe,
+            "input": job.sent_input,
             "stage": stage,
             "code": code,
             "message": message,
@@ -249,6 +252,7 @@ class JobFinisher:
             "job_id": job.job_id,
             "request_id": job.request_id,
             "source": source_of(job),
+            "recipe": job.recipe,
             "input": job.sent_input,
             "output": _elide_data_uris(redact(output.model_dump(mode="json"))),
             "images_asked": asked,
@@ -388,6 +392,8 @@ def _elide_data_uris(value: Any) -> Any:
 def _advice(code: str, retryable: bool) -> str:
     if code in ("invalid_tags", "invalid_input"):
         return "Fix the tags named in 'problems' and upload the image again (see the README's tag reference)."
+    if code == "invalid_recipe":
+        return "Fix the recipe's fields named in 'problems' (kontext-s3 recipe put), then upload the image again."
     if code == "unsupported_object":
         return "Upload a JPEG, PNG, WebP or GIF image within the size limit."
     if code == "unsupported_key":

@@ -57,6 +57,23 @@ class Table:
             result["LastEvaluatedKey"] = _from_wire(answer["LastEvaluatedKey"])
         return result
 
+    def batch_get(self, keys: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The items at ``keys`` that exist, read consistently (at most 100 keys: one BatchGetItem)."""
+        request: dict[str, Any] = {self.name: {"Keys": [_to_wire(k) for k in keys], "ConsistentRead": True}}
+        found: list[dict[str, Any]] = []
+        while request:
+            answer = self.client.batch_get_item(RequestItems=request)
+            found.extend(_from_wire(item) for item in answer.get("Responses", {}).get(self.name, []))
+            request = answer.get("UnprocessedKeys") or {}
+        return found
+
+    def scan(self, **kwargs: Any) -> dict[str, Any]:
+        answer = self.client.scan(TableName=self.name, **_values(kwargs))
+        result: dict[str, Any] = {"Items": [_from_wire(item) for item in answer.get("Items", [])], "Count": answer.get("Count", 0)}
+        if "LastEvaluatedKey" in answer:
+            result["LastEvaluatedKey"] = _from_wire(answer["LastEvaluatedKey"])
+        return result
+
 
 def _values(kwargs: dict[str, Any]) -> dict[str, Any]:
     converted = dict(kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -15,15 +16,15 @@ class InvalidEditRequest(ValueError):
         self.problems = problems
 
 
-def build_model_input(fields: Mapping[str, str], defaults: Mapping[str, str], image_url: str) -> KontextMaxInput:
-    """Tags win over deployment defaults, which win over the model's own defaults."""
-    values: dict[str, str] = {**defaults, **fields}
-    if not values.get("prompt", "").strip():
+def build_model_input(fields: Mapping[str, Any], defaults: Mapping[str, str], image_url: str) -> KontextMaxInput:
+    """The upload's fields (tags over its recipe) win over deployment defaults, which win over the model's own."""
+    values: dict[str, Any] = {**defaults, **fields}
+    if not str(values.get("prompt") or "").strip():
         raise InvalidEditRequest(
             [
                 FieldProblem(
                     field="prompt",
-                    message="is required but was not given (tag 'prompt', or the packed kx tags)",
+                    message="is required but was not given (tag 'prompt', the packed kx tags, or a folder recipe _kontext.json)",
                     allowed=allowed_values("prompt"),
                 )
             ]

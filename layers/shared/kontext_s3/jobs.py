@@ -102,6 +102,8 @@ class Job(BaseModel):
     updated_at: str
     attempts: int = 0
     arrived_at_ms: int | None = None
+    #: Its place in the open-jobs index: for a WAITING job, its place in line.
+    open_order: int | None = None
     holder: str | None = None
     held_until_ms: int | None = None
     request_id: str | None = None
@@ -110,6 +112,8 @@ class Job(BaseModel):
     response_url: str | None = None
     cancel_url: str | None = None
     input_json: str | None = None
+    #: The folder recipe the edit came from (``recipes.Recipe.describe``), as JSON; None without one.
+    recipe_json: str | None = None
     sent_at_ms: int | None = None
     admitted_at_ms: int | None = None
     #: Admission (see ``admission``): the slot held, and the UTC day and images charged to the budget.
@@ -138,6 +142,10 @@ class Job(BaseModel):
     notified_at_ms: int | None = None
     last_writer: str | None = None
     history: list[HistoryEntry] = Field(default_factory=list)
+
+    @property
+    def recipe(self) -> dict[str, Any] | None:
+        return json.loads(self.recipe_json) if self.recipe_json else None
 
     @property
     def sent_input(self) -> dict[str, Any] | None:
@@ -214,6 +222,29 @@ class JobStore:
         with ThreadPoolExecutor(max_workers=OPEN_SHARDS, thread_name_prefix="open-jobs") as pool:
             heads = list(pool.map(shard_head, range(OPEN_SHARDS)))
         return [job_id for _, job_id in heapq.merge(*heads)][:limit]
+
+    def waiting_ahead(self, job: Job) -> int:
+        """How many uploads wait in line before ``job`` (for people following it; one count query per shard)."""
+        if job.state is not JobState.WAITING or job.open_order is None:
+            return 0
+
+        def count(shard: int) -> int:
+            total, start = 0, None
+            while True:
+                page = self._table.query(
+                    IndexName=OPEN_JOBS_INDEX,
+                    KeyConditionExpression="open_shard = :shard AND open_order < :mine",
+                    ExpressionAttributeValues={":shard": f"{JobState.WAITING.value}#{shard}", ":mine": job.open_order},
+                    Select="COUNT",
+                    **({"ExclusiveStartKey": start} if start else {}),
+                )
+                total += int(page.get("Count", 0))
+                start = page.get("LastEvaluatedKey")
+                if not start:
+                    return total
+
+        with ThreadPoolExecutor(max_workers=OPEN_SHARDS, thread_name_prefix="line") as pool:
+            return sum(pool.map(count, range(OPEN_SHARDS)))
 
     def touch(self, job: Job) -> None:
         """Mark an open job as just checked, so the next recovery run looks at others first."""
@@ -307,22 +338,37 @@ class JobStore:
             removes=("holder", "held_until_ms"),
         )
 
-    def wait(self, job_id: str, holder: str, *, reason: str, until_ms: int | None, input_json: str, content_type: str) -> Job | None:
+    def wait(
+        self,
+        job_id: str,
+        holder: str,
+        *,
+        reason: str,
+        until_ms: int | None,
+        input_json: str,
+        content_type: str,
+        recipe_json: str | None = None,
+    ) -> Job | None:
         """No slot (or no budget) yet: the job waits its turn, in arrival order, holding nothing."""
+        values: dict[str, Any] = {
+            ":submitting": "SUBMITTING",
+            ":holder": holder,
+            ":reason": reason,
+            ":until": until_ms or 0,
+            ":input": input_json,
+            ":type": content_type,
+        }
+        sets = "wait_reason = :reason, wait_until_ms = :until, input_json = :input, content_type = :type"
+        if recipe_json is not None:
+            sets += ", recipe_json = :recipe"
+            values[":recipe"] = recipe_json
         return self._transition(
             job_id,
             JobState.WAITING,
             note=f"waiting for {'the daily budget' if reason == 'budget' else 'a slot'}",
             condition="#state = :submitting AND holder = :holder",
-            values={
-                ":submitting": "SUBMITTING",
-                ":holder": holder,
-                ":reason": reason,
-                ":until": until_ms or 0,
-                ":input": input_json,
-                ":type": content_type,
-            },
-            sets="wait_reason = :reason, wait_until_ms = :until, input_json = :input, content_type = :type",
+            values=values,
+            sets=sets,
             removes=("holder", "held_until_ms", "from_line"),
             order_by_arrival=True,
         )
@@ -357,7 +403,15 @@ class JobStore:
         )
 
     def begin_send(
-        self, job_id: str, holder: str, *, input_json: str, slot: int | None = None, budget_day: str | None = None, images: int = 0
+        self,
+        job_id: str,
+        holder: str,
+        *,
+        input_json: str,
+        slot: int | None = None,
+        budget_day: str | None = None,
+        images: int = 0,
+        recipe_json: str | None = None,
     ) -> Job:
         """The point of no return: from here the request may be at fal. Raises :class:`JobConflict` if not held.
 
@@ -372,6 +426,9 @@ class JobStore:
         if budget_day is not None:
             sets += ", budget_day = :day, budget_images = :images"
             values.update({":day": budget_day, ":images": images})
+        if recipe_json is not None:
+            sets += ", recipe_json = :recipe"
+            values[":recipe"] = recipe_json
         job = self._transition(
             job_id,
             JobState.SENDING,

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +46,7 @@ from kontext_s3.jobs import Job, JobConflict, JobState, JobStore, new_holder, no
 from kontext_s3.log import logger
 from kontext_s3.model_schema import FieldProblem
 from kontext_s3.output_store import OutputLayout, has_dot_segments
+from kontext_s3.recipes import InvalidRecipe, Recipe, RecipeBook, is_recipe
 from kontext_s3.recovery import Cancellation
 from kontext_s3.redact import redact
 from kontext_s3.s3_events import MalformedNotification, ObjectChange, parse_notification
@@ -79,10 +82,11 @@ class RetryLater(RuntimeError):
 
 
 class _UserError(Exception):
-    def __init__(self, code: str, message: str, problems: list[FieldProblem] | None = None) -> None:
+    def __init__(self, code: str, message: str, problems: list[FieldProblem] | None = None, recipe: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.problems = problems or []
+        self.recipe = recipe
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class _Prepared:
     body: dict[str, Any]  # the model input, with the object's s3:// address as image_url
     content_type: str
     images: int  # what fal bills
+    #: The folder recipe the edit came from, as the job records it (JSON), or None.
+    recipe_json: str | None = None
 
 
 class Submitter:
@@ -118,6 +124,10 @@ class Submitter:
         self._finisher = finisher
         self._cancellation = cancellation
         self._admission = admission if admission is not None and admission.limited else None
+        self._recipes = RecipeBook(s3, settings.input_bucket, settings.input_prefix)
+        self._dispatch_lock = threading.Lock()
+        self._dispatching = False
+        self._dispatch_again = False
         self._slot_freed = slot_freed
         self._layout = OutputLayout(settings.input_prefix, settings.output_prefix)
 
@@ -125,7 +135,7 @@ class Submitter:
         """Handle one SQS message body. Raises :class:`RetryLater` (or any error) to have it retried."""
         if is_dispatch(body):
             try:
-                return self.dispatch(deadline=deadline)
+                return self._dispatch_coalesced(deadline=deadline)
             except Exception as exc:
                 logger.exception(
                     "dispatching the line failed; the signal will be retried", extra={"message_id": message_id, "reason": redact(str(exc))}
@@ -163,6 +173,9 @@ class Submitter:
             if not change.key.startswith(self._settings.input_prefix) or change.key.endswith("/"):
                 logger.info("ignored: not an object under the input prefix", extra={"input_prefix": self._settings.input_prefix})
                 return ChangeResult(Outcome.IGNORED, change.key, detail="outside the input prefix")
+            if is_recipe(change.key):
+                logger.info("ignored: a folder recipe, not an upload")
+                return ChangeResult(Outcome.IGNORED, change.key, detail="a folder recipe")
             if change.removed and self._cancellation is not None:
                 cancelled = self._cancellation.input_removed(change, deadline=deadline)
                 return ChangeResult(Outcome.CANCELLED if cancelled else Outcome.IGNORED, change.key, detail=",".join(cancelled))
@@ -202,7 +215,7 @@ class Submitter:
         try:
             prepared = self._prepare(change)
         except _UserError as exc:
-            self._finisher.fail(job, holder, stage="validation", code=exc.code, message=str(exc), problems=exc.problems)
+            self._finisher.fail(job, holder, stage="validation", code=exc.code, message=str(exc), problems=exc.problems, recipe=exc.recipe)
             return ChangeResult(Outcome.FAILED, change.key, job_id, f"{exc.code}: {exc}")
         except Exception as exc:
             return self._retry_later(job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False)
@@ -225,6 +238,33 @@ class Submitter:
             return ChangeResult(Outcome.WAITING, job.key, job.job_id, decision.reason)
         return self._send(job, holder, prepared, decision, receive_count=receive_count, deadline=deadline, in_line=in_line)
 
+    def _dispatch_coalesced(self, *, deadline: float) -> list[ChangeResult]:
+        """One dispatcher per execution environment: a signal that arrives while one runs asks it for one more pass.
+
+        Several slots freed together send several signals, often in one batch; each pass reads every
+        shard of the line, so running them side by side would only race for the same waiting uploads.
+        """
+        with self._dispatch_lock:
+            if self._dispatching:
+                self._dispatch_again = True
+                return []
+            self._dispatching = True
+        results: list[ChangeResult] = []
+        try:
+            while True:
+                with self._dispatch_lock:
+                    self._dispatch_again = False
+                results.extend(self.dispatch(deadline=deadline))
+                with self._dispatch_lock:
+                    if not self._dispatch_again or deadline - time.monotonic() < 5:
+                        # Out of time with a pass still asked for: recovery's next run dispatches too.
+                        self._dispatching = False
+                        return results
+        except BaseException:
+            with self._dispatch_lock:
+                self._dispatching = False
+            raise
+
     def dispatch(self, *, deadline: float) -> list[ChangeResult]:
         """Give free slots to the uploads waiting longest, until none is free (the signal that one was freed starts this)."""
         results: list[ChangeResult] = []
@@ -239,7 +279,12 @@ class Submitter:
             logger.thread_safe_append_keys(job_id=job.job_id, object_key=job.key)
             try:
                 body = json.loads(job.input_json or "{}")
-                prepared = _Prepared(body=body, content_type=job.content_type or "image/jpeg", images=int(body.get("num_images") or 1))
+                prepared = _Prepared(
+                    body=body,
+                    content_type=job.content_type or "image/jpeg",
+                    images=int(body.get("num_images") or 1),
+                    recipe_json=job.recipe_json,
+                )
                 result = self._take_turn(job, holder, prepared, receive_count=0, deadline=deadline, in_line=True)
             finally:
                 logger.thread_safe_remove_keys(["job_id", "object_key"])
@@ -274,14 +319,30 @@ class Submitter:
         if has_dot_segments(change.key):
             raise _UserError("unsupported_key", "the key has '.' or '..' path segments, which URLs cannot carry; rename the upload")
         fields = self._read_tags(change)
+        recipe = self._recipe_for(change)
+        described = recipe.describe() if recipe else None
         try:
             # Validated before touching the image: a bad tag is the commonest mistake and costs nothing to report.
-            model_input = build_model_input(fields, self._settings.model_defaults, image_url=_s3_uri(change))
+            # The upload's own tags override its recipe field by field.
+            model_input = build_model_input({**(recipe.fields if recipe else {}), **fields}, self._settings.model_defaults, _s3_uri(change))
         except InvalidEditRequest as exc:
-            raise _UserError("invalid_tags", f"the tags do not describe a valid edit: {exc}", exc.problems) from exc
+            where = f"the tags and the recipe {recipe.key}" if recipe else "the tags"
+            raise _UserError("invalid_tags", f"{where} do not describe a valid edit: {exc}", exc.problems, described) from exc
         content_type = self._check_image(change)
         # With the s3:// address: the presigned URL is a credential, never stored.
-        return _Prepared(body=model_input.to_request_body(), content_type=content_type, images=model_input.num_images)
+        return _Prepared(
+            body=model_input.to_request_body(),
+            content_type=content_type,
+            images=model_input.num_images,
+            recipe_json=json.dumps(described, sort_keys=True) if described else None,
+        )
+
+    def _recipe_for(self, change: ObjectChange) -> Recipe | None:
+        try:
+            return self._recipes.for_upload(change.key, _arrival(change))
+        except InvalidRecipe as exc:
+            recipe = {"key": exc.key, "version_id": exc.version_id}
+            raise _UserError("invalid_recipe", f"{exc}; fix the recipe and upload again", exc.problems, recipe) from exc
 
     def _send(
         self, job: Job, holder: str, prepared: _Prepared, admitted: Admitted, *, receive_count: int, deadline: float, in_line: bool
@@ -305,6 +366,7 @@ class Submitter:
                 slot=admitted.slot,
                 budget_day=admitted.budget_day,
                 images=admitted.images,
+                recipe_json=prepared.recipe_json,
             )
         except JobConflict:
             self._give_back(job.job_id, admitted)
@@ -344,6 +406,7 @@ class Submitter:
             until_ms=wait.until_ms,
             input_json=json.dumps(prepared.body, sort_keys=True),
             content_type=prepared.content_type,
+            recipe_json=prepared.recipe_json,
         )
 
     def _give_back(self, job_id: str, admitted: Admitted) -> None:
@@ -569,6 +632,14 @@ def _object_size(content_range: str | None, content_length: int) -> int:
 
 def _missing(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchVersion", "404", "NotFound")
+
+
+def _arrival(change: ObjectChange) -> datetime:
+    """When S3 says the upload happened (the event's time); now, if the event's time cannot be read."""
+    try:
+        return datetime.fromisoformat(change.event_time.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return datetime.now(UTC)
 
 
 def _s3_uri(change: ObjectChange) -> str:

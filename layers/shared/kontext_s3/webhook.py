@@ -31,6 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from kontext_s3.completion import DeliveryFault, JobFinisher
 from kontext_s3.fal_account import FalAccount
 from kontext_s3.jobs import Job, JobState, JobStore
@@ -125,6 +127,13 @@ class WebhookReceiver:
             if not succeeded and never_started(document):
                 back = self._finisher.requeue(claim, str(document.get("error") or "fal could not start it in time"))
                 return WebhookAnswer(200, {"job_id": job_id, "state": (back or job).state.value, "note": "back in line"})
+            # fal has ended the request, so it no longer counts against MaxJobsAtFal: hand its slot to the
+            # next upload now rather than after the copy, so fal's slots do not idle while we download.
+            try:
+                self._finisher.give_back(claim.job)
+            except (ClientError, BotoCoreError) as exc:
+                # Not fatal: ending the job gives it back again, and recovery reclaims a slot that stays leaked.
+                logger.warning("could not free the job's slot early", extra={"reason": str(exc)})
             if succeeded:
                 ended = self._finisher.succeed(claim, document["payload"], deadline=deadline)
             else:
