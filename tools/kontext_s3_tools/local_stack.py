@@ -49,6 +49,7 @@ from botocore.credentials import Credentials
 
 from kontext_s3.dynamo import Table
 from kontext_s3.jobs import JobStore
+from kontext_s3_tools.api_destinations import ApiDestinationRelay, RelaySpec, connection_headers
 from kontext_s3_tools.aws_gateway import AwsGateway, Identity
 from kontext_s3_tools.cli import Target
 from kontext_s3_tools.emulator import FalEmulator
@@ -235,7 +236,12 @@ class _Deployer:
         self.function_urls = function_urls
         # The deploying identity assumes the function roles locally (moto checks trust by exact principal).
         self.trusted_principal = session.client("sts", endpoint_url=endpoint).get_caller_identity()["Arn"]
+        self.events: Any = session.client("events", endpoint_url=endpoint)
         self.stack: Stack | None = None
+        # EventBridge API destinations, which moto does not call: relayed (see ``api_destinations``).
+        self.connections: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.destinations: dict[str, dict[str, Any]] = {}
+        self.relays: list[RelaySpec] = []
 
     def __call__(self, logical_id: str, resource: dict[str, Any]) -> dict[str, Any]:
         assert self.stack is not None
@@ -246,8 +252,22 @@ class _Deployer:
             return {"Ref": name}
         props = stack.properties(logical_id)
         if kind == "AWS::SecretsManager::Secret":
-            arn = self.secrets.create_secret(Name=name, SecretString=props.get("SecretString") or self.fal_key)["ARN"]
+            value = props.get("SecretString")
+            generate = props.get("GenerateSecretString")
+            if value is None and generate:
+                value = json.dumps({**json.loads(generate["SecretStringTemplate"]), generate["GenerateStringKey"]: uuid.uuid4().hex})
+            arn = self.secrets.create_secret(Name=name, SecretString=value or self.fal_key)["ARN"]
             return {"Ref": arn, "Id": arn}
+        if kind == "AWS::Events::Connection":
+            arn = f"arn:aws:events:{REGION}:{ACCOUNT}:connection/{name}/{uuid.uuid4()}"
+            self.connections[arn] = (props["AuthorizationType"], self._dynamic(props["AuthParameters"]))
+            return {"Ref": name, "Arn": arn}
+        if kind == "AWS::Events::ApiDestination":
+            arn = f"arn:aws:events:{REGION}:{ACCOUNT}:api-destination/{name}/{uuid.uuid4()}"
+            self.destinations[arn] = props
+            return {"Ref": name, "Arn": arn}
+        if kind == "AWS::Events::Rule":
+            return self._rule(props, name)
         if kind == "AWS::DynamoDB::Table":
             table = props.get("TableName") or name
             self.ddb.create_table(
@@ -291,6 +311,51 @@ class _Deployer:
             )
             return {"Ref": name, "FunctionUrl": self.function_urls[target].rstrip("/") + "/", "FunctionArn": props["TargetFunctionArn"]}
         raise NotImplementedError(f"the local stack cannot create {kind} ({logical_id}); add it to NOT_EMULATED with the reason")
+
+    def _dynamic(self, value: Any) -> Any:
+        """CloudFormation's ``{{resolve:secretsmanager:<arn>:SecretString:<key>}}``, read from the local secret."""
+        if isinstance(value, dict):
+            return {k: self._dynamic(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._dynamic(v) for v in value]
+        if isinstance(value, str) and value.startswith("{{resolve:secretsmanager:") and value.endswith("}}"):
+            reference = value[len("{{resolve:secretsmanager:") : -2]
+            secret_id, _, key = reference.rpartition(":SecretString:")
+            text = self.secrets.get_secret_value(SecretId=secret_id or reference)["SecretString"]
+            return json.loads(text)[key] if key and secret_id else text
+        return value
+
+    def _rule(self, props: dict[str, Any], name: str) -> dict[str, Any]:
+        bus = props.get("EventBusName", "default")
+        arn = f"arn:aws:events:{REGION}:{ACCOUNT}:rule/{bus}/{name}"
+        self.events.put_rule(
+            Name=name, EventBusName=bus, EventPattern=json.dumps(props["EventPattern"]), State=props.get("State", "ENABLED")
+        )
+        targets = []
+        for target in props.get("Targets", []):
+            destination = self.destinations.get(target["Arn"])
+            if destination is None:
+                targets.append({k: v for k, v in target.items() if k in ("Id", "Arn", "InputPath", "RoleArn")})
+                continue
+            # moto delivers to SQS but never calls an API destination: the relay queue and relay stand in.
+            url = self.sqs.create_queue(QueueName=f"{name}-{target['Id']}-relay"[-80:])["QueueUrl"]
+            relay_arn = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            targets.append({"Id": target["Id"], "Arn": relay_arn})
+            authorization, auth = self.connections[destination["ConnectionArn"]]
+            self.relays.append(
+                RelaySpec(
+                    rule_arn=arn,
+                    target_arn=target["Arn"],
+                    queue_url=url,
+                    endpoint=destination["InvocationEndpoint"],
+                    method=destination.get("HttpMethod", "POST"),
+                    headers=connection_headers(authorization, auth),
+                    input_path=target.get("InputPath"),
+                    dead_letter_arn=target.get("DeadLetterConfig", {}).get("Arn"),
+                )
+            )
+        self.events.put_targets(Rule=name, EventBusName=bus, Targets=targets)
+        return {"Ref": name, "Arn": arn}
 
     def _bucket(self, props: dict[str, Any], name: str) -> dict[str, Any]:
         bucket = props.get("BucketName") or name.lower()
@@ -405,7 +470,7 @@ def provision(
         return next(lid for lid, res in stack.of_type(kind) if where(res))
 
     uploads = first("AWS::SQS::Queue", lambda res: "RedrivePolicy" in res.get("Properties", {}))
-    dlq = first("AWS::SQS::Queue", lambda res: "RedrivePolicy" not in res.get("Properties", {}))
+    dlq = "UploadsDeadLetterQueue"
     resources = Resources(
         stack=stack,
         bucket=stack.ensure(first("AWS::S3::Bucket"))["Ref"],
@@ -413,7 +478,7 @@ def provision(
         queue_url=stack.ensure(uploads)["Ref"],
         queue_arn=stack.ensure(uploads)["Arn"],
         dlq_url=stack.ensure(dlq)["Ref"],
-        secret_arn=stack.ensure(first("AWS::SecretsManager::Secret"))["Ref"],
+        secret_arn=stack.ensure("FalKeySecret")["Ref"],
         event_bus=bus,
         events_queue_url=events_queue_url,
         input_prefix=stack.parameters["InputPrefix"],
@@ -652,6 +717,8 @@ class FunctionUrlServer:
         outer = self
         self.handler = handler
         self.requests = 0
+        #: Requests whose caller hung up before the answer (a webhook sender that timed out).
+        self.abandoned = 0
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -678,12 +745,16 @@ class FunctionUrlServer:
                 status = int(answer.get("statusCode", 200))
                 payload = answer.get("body") or ""
                 data = base64.b64decode(payload) if answer.get("isBase64Encoded") else str(payload).encode("utf-8")
-                self.send_response(status)
-                for name, value in (answer.get("headers") or {}).items():
-                    self.send_header(name, str(value))
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    for name, value in (answer.get("headers") or {}).items():
+                        self.send_header(name, str(value))
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The caller gave up waiting (fal's webhook timeout); as with Lambda, the work done stands.
+                    outer.abandoned += 1
 
             do_GET = _invoke
             do_POST = _invoke
@@ -733,6 +804,8 @@ class LocalStack:
     enforce_iam: bool = True
     log_dir: Path | None = None
     build_dir: Path | None = None
+    #: POSTs per notification before its dead-letter queue (EventBridge's policy in the template is 185 over a day).
+    notify_attempts: int = 4
 
     moto: MotoServer = field(init=False)
     gateway: AwsGateway = field(init=False)
@@ -742,6 +815,7 @@ class LocalStack:
     poller: SqsPoller = field(init=False)
     functions: dict[str, LocalFunction] = field(init=False)
     environment: dict[str, str] = field(init=False)
+    relays: list[ApiDestinationRelay] = field(init=False, default_factory=list)
 
     def start(self) -> LocalStack:
         build = self.build_dir or host_build_dir()
@@ -876,6 +950,11 @@ class LocalStack:
                 credentials=credentials,
                 admin=self.resources.admin,
             ).start()
+        deployer: _Deployer = self.resources.__dict__["_deployer"]
+        sqs = aws_session(self.resources.admin).client("sqs", endpoint_url=self.moto.url)
+        self.relays = [
+            ApiDestinationRelay(spec, sqs, attempts=self.notify_attempts, backoff_seconds=0.2).start() for spec in deployer.relays
+        ]
         self._schedule = threading.Event()
         self._recover: LocalFunction | None = None
         for lid, _ in stack.of_type("AWS::Scheduler::Schedule"):
@@ -915,6 +994,7 @@ class LocalStack:
         stoppers: list[Callable[[], None]] = []
         if hasattr(self, "poller"):
             stoppers.append(self.poller.stop)
+        stoppers.extend(relay.stop for relay in getattr(self, "relays", []))
         stoppers.extend(f.stop for f in getattr(self, "functions", {}).values())
         for name in ("webhook", "emulator", "gateway", "moto"):
             if hasattr(self, name):

@@ -24,21 +24,33 @@ class NotificationError(RuntimeError):
     pass
 
 
+#: The version of the event detail (and of the HTTP notification body, which is the detail itself).
+NOTIFICATION_VERSION = 1
+
+
 def event_detail(job: Job) -> dict[str, Any]:
+    """The event's detail, which is also the body POSTed to ``NotifyUrl``: stable, described by
+    ``schemas/notification.schema.json``. New fields may be added; none is removed or changes meaning
+    without a new ``kontext_s3_notification`` version."""
+    succeeded = job.state is JobState.COMPLETED
     detail: dict[str, Any] = {
+        "kontext_s3_notification": NOTIFICATION_VERSION,
         "job_id": job.job_id,
+        "status": "succeeded" if succeeded else "failed",
         "state": job.state.value,
         "bucket": job.bucket,
         "input_key": job.key,
         "input_version_id": job.version_id,
         "output_prefix": job.output_prefix,
+        "output_keys": list(job.output_keys) if succeeded else [],
+        "manifest_key": job.manifest_key if succeeded else None,
+        "error": None if succeeded else {"code": job.error_code, "message": job.error_message, "record_key": job.error_key},
         "request_id": job.request_id,
         "uploaded_at": job.event_time,
         "ended_at": job.updated_at,
     }
-    if job.state is JobState.COMPLETED:
-        detail.update(output_keys=job.output_keys, manifest_key=job.manifest_key)
-    else:
+    if not succeeded:
+        # The flat error fields of the first version of the event, kept for EventBridge rules that match on them.
         detail.update(error_key=job.error_key, error_code=job.error_code, error_message=job.error_message)
     return dict(redact(detail))
 
