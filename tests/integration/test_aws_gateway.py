@@ -55,3 +55,37 @@ def test_a_judged_call_outside_the_roles_policy_is_refused_naming_the_action_and
     assert refused.value.response["Error"]["Code"] == "AccessDeniedException"
     assert f"not authorized to perform: dynamodb:PutItem on resource: {table_arn}" in str(refused.value)
     assert [(j.action, j.allowed) for j in gateway.recorded_judgements()] == [("dynamodb:GetItem", True), ("dynamodb:PutItem", False)]
+
+
+@pytest.mark.parametrize(
+    ("list_bucket", "status"),
+    [
+        (None, 403),
+        ({"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::{bucket}"}, 404),
+        # The 404 decision carries no prefix, so a prefix-conditioned ListBucket does not give it.
+        (
+            {
+                "Effect": "Allow",
+                "Action": "s3:ListBucket",
+                "Resource": "arn:aws:s3:::{bucket}",
+                "Condition": {"StringLike": {"s3:prefix": "inputs/*"}},
+            },
+            403,
+        ),
+    ],
+)
+def test_a_missing_key_is_404_only_to_a_caller_allowed_to_list_the_bucket(
+    aws: Aws, gateway: AwsGateway, list_bucket: dict[str, object] | None, status: int
+) -> None:
+    bucket = aws.resources.bucket
+    statements: list[dict[str, object]] = [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"}]
+    if list_bucket:
+        statements.append({**list_bucket, "Resource": str(list_bucket["Resource"]).format(bucket=bucket)})
+    gateway.add_identity("ASIALISTER", Identity("SubmitFunction", "arn:aws:sts::1:assumed-role/r/s", statements, time.time() + 3600))
+    s3 = aws_session(Credentials("ASIALISTER", "secret", "token")).client("s3", endpoint_url=gateway.url)
+    aws.s3.put_object(Bucket=bucket, Key="inputs/there.jpg", Body=b"x")
+    assert s3.head_object(Bucket=bucket, Key="inputs/there.jpg")["ContentLength"] == 1
+    for call in (s3.head_object, s3.get_object):
+        with pytest.raises(s3.exceptions.ClientError) as missing:
+            call(Bucket=bucket, Key="inputs/_kontext.json")
+        assert missing.value.response["ResponseMetadata"]["HTTPStatusCode"] == status

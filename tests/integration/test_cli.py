@@ -165,9 +165,14 @@ def test_a_stopped_local_stack_is_named_with_the_fix(
     dead.wait()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stack.env").write_text(f"KONTEXT_S3_BUCKET=b\nKONTEXT_S3_STACK_PID={dead.pid}\n")
+    bucket = env["KONTEXT_S3_BUCKET"]
+    monkeypatch.delenv("KONTEXT_S3_BUCKET")
     code, _, err = run(capsys, "upload", str(image), "--prompt", "x")
     line = one_line_error(code, err)
     assert "has stopped" in line and "make stack" in line
+    # A bucket named on the command line is never sent to the local stack's file, stale or not.
+    code, _, err = run(capsys, "upload", str(image), "--prompt", "x", "--bucket", bucket)
+    assert code == 0, err
 
 
 def test_download_into_a_place_that_cannot_be_written_is_one_line(aws: Aws, env: dict[str, str], tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -91,14 +92,17 @@ class ApiDestinationRelay:
                     time.sleep(0.2)
                     continue
                 for message in messages.get("Messages", []):
-                    self._deliver(http, json.loads(message["Body"]))
-                    self.sqs.delete_message(QueueUrl=self.spec.queue_url, ReceiptHandle=message["ReceiptHandle"])
+                    try:
+                        self._deliver(http, json.loads(message["Body"]))
+                        self.sqs.delete_message(QueueUrl=self.spec.queue_url, ReceiptHandle=message["ReceiptHandle"])
+                    except Exception as exc:  # one bad message must not stop the relay; SQS brings it back
+                        print(f"warning: notification relay: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     def _deliver(self, http: httpx.Client, event: dict[str, Any]) -> None:
         body = json.dumps(apply_input_path(event, self.spec.input_path))
         headers = {"Content-Type": "application/json; charset=utf-8", **self.spec.headers}
-        code, message = "", ""
-        for attempt in range(self.attempts):
+        code, message, attempt = "", "", 0
+        for attempt in range(max(1, self.attempts)):
             try:
                 response = http.request(self.spec.method, self.spec.endpoint, content=body, headers=headers)
             except httpx.HTTPError as exc:

@@ -200,7 +200,25 @@ class AwsGateway:
                 if not decision.allowed:
                     return access_denied(identity, action, resource, decision)
             return self._forward_as_admin(call)
-        return self.forward(method, target, headers, body)
+        answer = self.forward(method, target, headers, body)
+        if identity is not None and call.service == "s3" and answer.status == 404 and method in ("GET", "HEAD"):
+            return self._hide_absence(call, identity, answer)
+        return answer
+
+    def _hide_absence(self, call: Call, identity: Identity, answer: Answer) -> Answer:
+        """S3 tells "no such key" (404) only to a caller allowed ``s3:ListBucket`` on the bucket; others get 403.
+
+        moto always answers 404, so a role that lacks ListBucket would pass here and fail on AWS
+        at the first key that does not exist (a folder with no recipe, say).
+        """
+        bucket, _, key = unquote(call.path.lstrip("/")).partition("/")
+        if not key:
+            return answer
+        if self._judge(identity, "s3:ListBucket", f"arn:aws:s3:::{bucket}").allowed:
+            return answer
+        if call.method == "HEAD":
+            return Answer(403, b"", {"Content-Type": "application/xml"})
+        return s3_error(403, "AccessDenied", "Access Denied", {})
 
     def _judge(self, identity: Identity, action: str, resource: str, context: dict[str, str] | None = None) -> Decision:
         decision = evaluate(identity.statements, action, resource, context)

@@ -48,6 +48,7 @@ from kontext_s3.model_schema import OPTIONAL_TAG_FIELDS, KontextMaxInput, descri
 from kontext_s3.output_store import OutputLayout, has_dot_segments
 from kontext_s3.recipes import RECIPE_FILE, InvalidRecipe, parse_recipe, recipe_keys
 from kontext_s3.tag_codec import TagEncodingError, encode_tags, tagging_header
+from kontext_s3_tools.gallery import GalleryError, write_gallery
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -415,6 +416,20 @@ def _parser() -> argparse.ArgumentParser:
     _common_options(show, suppress=True)
     show.add_argument("prefix")
 
+    gallery = command(
+        "gallery",
+        "write a before/after HTML page of the jobs under a prefix (opens from disk, no server)",
+        "kontext-s3 gallery catalogue/ --out gallery/ && xdg-open gallery/index.html",
+    )
+    gallery.add_argument("prefix", nargs="?", default="", help="under the output prefix (default: every job)")
+    gallery.add_argument("--out", type=Path, default=Path("gallery"), help="folder for index.html and its images")
+    gallery.add_argument(
+        "--images",
+        choices=["copy", "presign"],
+        default="copy",
+        help="copy the images beside the page (default), or link them by presigned URLs valid one hour",
+    )
+
     tags = command(
         "tags",
         "print the tagging string for aws s3api put-object --tagging",
@@ -461,10 +476,18 @@ def _alive(pid: int) -> bool:
 def _settings(args: argparse.Namespace) -> dict[str, str]:
     """The environment, over the env file's values (flags are applied by the caller)."""
     explicit = getattr(args, "env_file", None) or os.environ.get("KONTEXT_S3_ENV_FILE")
+    named_elsewhere = any(getattr(args, name, None) for name in ("stack", "bucket")) or any(
+        os.environ.get(name) for name in ("KONTEXT_S3_STACK", "KONTEXT_S3_BUCKET")
+    )
+    if not explicit and named_elsewhere:
+        return dict(os.environ)  # the local stack's file comes last: a named stack or bucket is never sent to it
     path = Path(explicit) if explicit else DEFAULT_ENV_FILE
     from_file: dict[str, str] = {}
     if path.is_file():
-        from_file = read_env_file(path)
+        try:
+            from_file = read_env_file(path)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CliError(f"error: cannot read {path} ({exc}); run make stack again to rewrite it", EXIT_USAGE) from None
     elif explicit:
         raise CliError(f"error: no env file {path}; start the local stack with make stack, or drop --env-file", EXIT_USAGE)
     return {**from_file, **os.environ}
@@ -578,6 +601,13 @@ def main(argv: list[str] | None = None) -> int:
             return _upload(target, args)
         if args.command == "recipe":
             return _recipe(target, args)
+        if args.command == "gallery":
+            try:
+                index = write_gallery(target, args.out, prefix=args.prefix, images=args.images)
+            except GalleryError as exc:
+                raise CliError(str(exc)) from None
+            print(f"gallery written: {index.resolve()}")
+            return 0
         return _status(target, args)
     except CliError as exc:
         print(str(exc), file=sys.stderr)
@@ -591,6 +621,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; anything already uploaded is still processed (kontext-s3 status KEY follows it)", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (ValueError, KeyError, OSError) as exc:
+        # What is left: a malformed record or recipe in the bucket, an endpoint URL that is not one, a file system error.
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _upload(target: Target, args: argparse.Namespace) -> int:
@@ -649,6 +683,8 @@ def _status(target: Target, args: argparse.Namespace) -> int:
                 if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     raise CliError(f"error: no object s3://{target.bucket}/{value}; give the input key or the job id") from None
                 raise
+        if not version_id or version_id == "null":
+            raise CliError(f"error: s3://{target.bucket}/{value} has no version id (an unversioned bucket?); give the job id instead")
         job_id = derive_job_id(target.bucket, value, version_id)
     job = jobs.get(job_id)
     if job is None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from kontext_s3_tools.cli import CliError, download, upload_image, wait_for_result
+from kontext_s3_tools.gallery import write_gallery
 from kontext_s3_tools.local_stack import LocalStack
 
 SAMPLE = Path(__file__).resolve().parent / "assets" / "kitchen.jpg"
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print("saved:")
         for path in saved:
             print(f"  {path}")
+        index = write_gallery(target, args.out / "gallery")
+        print(f"gallery (input beside outputs; open it in a browser): {index.resolve()}")
         print(f"done in {time.monotonic() - started:.1f} s")
         print(
             "note: these images come from the local fal emulator's stand-in edit (a tint and a caption), "

@@ -129,12 +129,13 @@ class RecipeBook:
         if current is not None and current["LastModified"] <= _to_second(arrived):
             return self._read(key, current.get("VersionId"))
         # Changed (or deleted) since the upload: the version that stood then, if any.
-        listing = self._s3.list_object_versions(Bucket=self._bucket, Prefix=key)
-        stood = [
-            entry
-            for entry in [*listing.get("Versions", []), *listing.get("DeleteMarkers", [])]
-            if entry["Key"] == key and entry["LastModified"] <= _to_second(arrived)
-        ]
+        stood = []
+        for listing in self._s3.get_paginator("list_object_versions").paginate(Bucket=self._bucket, Prefix=key):
+            stood += [
+                entry
+                for entry in [*listing.get("Versions", []), *listing.get("DeleteMarkers", [])]
+                if entry["Key"] == key and entry["LastModified"] <= _to_second(arrived)
+            ]
         if not stood:
             return None
         latest = max(stood, key=lambda entry: entry["LastModified"])

@@ -324,7 +324,8 @@ class Submitter:
         try:
             # Validated before touching the image: a bad tag is the commonest mistake and costs nothing to report.
             # The upload's own tags override its recipe field by field.
-            model_input = build_model_input({**(recipe.fields if recipe else {}), **fields}, self._settings.model_defaults, _s3_uri(change))
+            given = {name: value for name, value in fields.items() if str(value).strip()}  # an empty tag does not erase the recipe
+            model_input = build_model_input({**(recipe.fields if recipe else {}), **given}, self._settings.model_defaults, _s3_uri(change))
         except InvalidEditRequest as exc:
             where = f"the tags and the recipe {recipe.key}" if recipe else "the tags"
             raise _UserError("invalid_tags", f"{where} do not describe a valid edit: {exc}", exc.problems, described) from exc
@@ -637,9 +638,10 @@ def _missing(exc: ClientError) -> bool:
 def _arrival(change: ObjectChange) -> datetime:
     """When S3 says the upload happened (the event's time); now, if the event's time cannot be read."""
     try:
-        return datetime.fromisoformat(change.event_time.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(change.event_time.replace("Z", "+00:00"))
     except (ValueError, AttributeError):
         return datetime.now(UTC)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _s3_uri(change: ObjectChange) -> str:
