@@ -363,8 +363,8 @@ def _parser() -> argparse.ArgumentParser:
     _common_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def command(name: str, summary: str, example: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
+    def command(name: str, summary: str, example: str, under: Any = commands) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = under.add_parser(
             name,
             help=summary,
             description=summary,
@@ -396,24 +396,20 @@ def _parser() -> argparse.ArgumentParser:
         "kontext-s3 recipe put catalogue/ --prompt 'Remove the background' --output-format png",
     )
     actions = recipe.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
-    put = actions.add_parser(
+    put = command(
         "put",
-        help="write the recipe of a prefix",
-        description="Write the recipe of a prefix; later uploads below it use it (their own tags override it field by field).",
-        epilog="example:\n  kontext-s3 recipe put catalogue/ --prompt 'Remove the background' --output-format png",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "write the recipe of a prefix; later uploads below it use it (their own tags override it field by field)",
+        "kontext-s3 recipe put catalogue/ --prompt 'Remove the background' --output-format png",
+        actions,
     )
-    _common_options(put, suppress=True)
     put.add_argument("prefix", help="a prefix inside the input prefix, such as catalogue/ (or inputs/catalogue/)")
     _edit_options(put, prompt_required=True)
-    show = actions.add_parser(
+    show = command(
         "show",
-        help="print the recipe that applies under a prefix",
-        description="Print the recipe that uploads under the prefix get now (the nearest at or above it).",
-        epilog="example:\n  kontext-s3 recipe show catalogue/shoes/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "print the recipe that uploads under a prefix get now (the nearest at or above it)",
+        "kontext-s3 recipe show catalogue/shoes/",
+        actions,
     )
-    _common_options(show, suppress=True)
     show.add_argument("prefix")
 
     gallery = command(

@@ -69,6 +69,18 @@ def _progress(text: str) -> None:
     print(f"\r  {text:<100}", end="", flush=True)
 
 
+def _jobs_ended(stack: LocalStack) -> int:
+    table = stack.client("dynamodb")
+    ended = 0
+    for page in table.get_paginator("scan").paginate(
+        TableName=stack.resources.table,
+        ProjectionExpression="#s",
+        ExpressionAttributeNames={"#s": "state"},
+    ):
+        ended += sum(1 for item in page.get("Items", []) if item.get("state", {}).get("S") in ("COMPLETED", "FAILED"))
+    return ended
+
+
 def _busy_ratio(timeline: list[tuple[float, int, int]], start: float, end: float, limit: int | None) -> float | None:
     """Mean IN_PROGRESS over [start, end] divided by fal's limit: how much of fal's capacity ran while uploads waited."""
     if not limit or end <= start or not timeline:
@@ -202,8 +214,19 @@ def run(
                 if ended >= uploads and states.get("IN_QUEUE", 0) == 0:
                     break
                 time.sleep(2)
-            # Let the last webhooks land before counting.
-            time.sleep(3)
+            # fal is done; the webhooks may not be (without admission they queue up behind fal): wait for the table.
+            print()
+            last, stalled_since = -1, time.monotonic()
+            while time.monotonic() < deadline:
+                done = _jobs_ended(stack)
+                _progress(f"{done}/{uploads} jobs ended in the table | {time.monotonic() - started:.0f} s")
+                if done >= uploads:
+                    break
+                if done != last:
+                    last, stalled_since = done, time.monotonic()
+                elif time.monotonic() - stalled_since > 120:
+                    break  # nothing ends any more: count what there is
+                time.sleep(5)
             print()
         except KeyboardInterrupt:
             print("\ninterrupted: accounting for what happened so far", file=sys.stderr)

@@ -51,11 +51,7 @@ class Table:
         return {"Attributes": _from_wire(answer["Attributes"])} if "Attributes" in answer else {}
 
     def query(self, **kwargs: Any) -> dict[str, Any]:
-        answer = self.client.query(TableName=self.name, **_values(kwargs))
-        result: dict[str, Any] = {"Items": [_from_wire(item) for item in answer.get("Items", [])], "Count": answer.get("Count", 0)}
-        if "LastEvaluatedKey" in answer:
-            result["LastEvaluatedKey"] = _from_wire(answer["LastEvaluatedKey"])
-        return result
+        return _page(self.client.query(TableName=self.name, **_values(kwargs)))
 
     def batch_get(self, keys: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """The items at ``keys`` that exist, read consistently (at most 100 keys: one BatchGetItem)."""
@@ -68,11 +64,15 @@ class Table:
         return found
 
     def scan(self, **kwargs: Any) -> dict[str, Any]:
-        answer = self.client.scan(TableName=self.name, **_values(kwargs))
-        result: dict[str, Any] = {"Items": [_from_wire(item) for item in answer.get("Items", [])], "Count": answer.get("Count", 0)}
-        if "LastEvaluatedKey" in answer:
-            result["LastEvaluatedKey"] = _from_wire(answer["LastEvaluatedKey"])
-        return result
+        return _page(self.client.scan(TableName=self.name, **_values(kwargs)))
+
+
+def _page(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """A query or scan page with plain values, as a resource ``Table`` returns it."""
+    result: dict[str, Any] = {"Items": [_from_wire(item) for item in answer.get("Items", [])], "Count": answer.get("Count", 0)}
+    if "LastEvaluatedKey" in answer:
+        result["LastEvaluatedKey"] = _from_wire(answer["LastEvaluatedKey"])
+    return result
 
 
 def _values(kwargs: dict[str, Any]) -> dict[str, Any]:
