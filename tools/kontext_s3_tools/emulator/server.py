@@ -503,6 +503,8 @@ class FalEmulator:
                 except httpx.HTTPError as exc:
                     outcome["status_code"] = None
                     outcome["error"] = f"{type(exc).__name__}: {exc}"
+                except RuntimeError:
+                    return  # the emulator is stopping (its client is closed): nobody is left to deliver to
             with self._lock:
                 self.deliveries.append(outcome)
             self._log(f"webhook {request.request_id} attempt {attempt}: {outcome.get('status_code')}")
