@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
@@ -38,6 +38,7 @@ from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from kontext_s3_tools.http_server import QuietHTTPServer
 from kontext_s3_tools.iam_policy import Decision, evaluate
 from kontext_s3_tools.template_model import ACCOUNT, REGION
 
@@ -145,7 +146,7 @@ class AwsGateway:
         self._faults: list[FaultRule] = []
         self._lock = threading.Lock()
         self._client = httpx.Client(timeout=120.0, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
-        self._server = ThreadingHTTPServer((host, port), _handler(self))
+        self._server = QuietHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
         self._server.request_queue_size = 128
         self.url = f"http://{host}:{self._server.server_address[1]}"

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     except CliError as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
+        print(f"demo failed: {str(exc).removeprefix('error: ')}", file=sys.stderr)
         return 1
     except Exception as exc:
         print(f"demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -32,10 +32,11 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, TextIO
 
+from kontext_s3_tools.http_server import QuietHTTPServer
 from kontext_s3_tools.template_model import ACCOUNT, REGION
 
 BOOTSTRAP = Path(__file__).resolve().parent / "lambda_bootstrap.py"
@@ -114,7 +115,7 @@ class ExecutionEnvironment:
         self._ready = threading.Event()
         self._init_error: dict[str, Any] | None = None
         self.init_ms: float | None = None
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = QuietHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name=f"runtime-api-{self.id}", daemon=True).start()
         api = f"127.0.0.1:{self._server.server_address[1]}"

@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -53,6 +53,7 @@ from kontext_s3_tools.api_destinations import ApiDestinationRelay, RelaySpec, co
 from kontext_s3_tools.aws_gateway import AwsGateway, Identity
 from kontext_s3_tools.cli import Target
 from kontext_s3_tools.emulator import FalEmulator
+from kontext_s3_tools.http_server import QuietHTTPServer
 from kontext_s3_tools.iam_policy import statements_of
 from kontext_s3_tools.lambda_runtime import FunctionSpec, LocalFunction, Throttled, find_python313, read_only_mounts_available
 from kontext_s3_tools.template_model import ACCOUNT, REGION, Stack, source_logical_id, translate
@@ -760,7 +761,7 @@ class FunctionUrlServer:
             do_POST = _invoke
             do_PUT = _invoke
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server = QuietHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="function-url", daemon=True)

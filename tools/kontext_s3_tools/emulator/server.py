@@ -37,7 +37,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -48,6 +48,7 @@ from kontext_s3_tools.emulator.editing import describe, edit
 from kontext_s3_tools.emulator.input_check import check_input
 from kontext_s3_tools.emulator.scheduler import FalQueue
 from kontext_s3_tools.emulator.signing import WebhookSigner
+from kontext_s3_tools.http_server import QuietHTTPServer
 
 ENDPOINTS = ("fal-ai/flux-pro/kontext/max",)
 
@@ -149,7 +150,7 @@ class FalEmulator:
             # Its own file host may be the image_url it is asked to fetch.
             trust.load_verify_locations(str(tls[0]))
         self._http = httpx.Client(timeout=30.0, verify=trust)
-        self._server = ThreadingHTTPServer((host, port), _make_handler(self))
+        self._server = QuietHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
         scheme = "http"
         if tls:
