@@ -68,7 +68,9 @@ def running_stack(receiver: NotificationReceiver) -> Iterator[LocalStack]:
         submit_timeout_seconds=8.0,
         # NotifyUrl is https-only in the template; the local stack's relay takes the local receiver as it is.
         parameters={"SubmitMaxConcurrency": "2", "NotifyUrl": receiver.url},
-        webhook_attempts=4,
+        # fal retries a webhook for a long while; here 8 attempts from 0.1 s, doubling (about 25 s in all), so a
+        # delivery refused with 409 while a concurrent one finishes the job lands on a slow machine too.
+        webhook_attempts=8,
         webhook_backoff_seconds=0.1,
     ).start()
     yield stack
