@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from kontext_s3.admission import Admission, Admitted, Wait, is_dispatch
-from kontext_s3.jobs import Job, JobState, JobStore, new_holder
+from kontext_s3.jobs import Job, JobConflict, JobState, JobStore, new_holder
 from kontext_s3_tools.local_stack import LambdaContext, SqsPoller, sqs_event
 from tests.helpers import Aws, jpeg_bytes
 from tests.world import World, world
@@ -256,6 +256,29 @@ def test_a_slot_leaked_by_a_crash_is_found_and_given_back_by_recovery(world: Wor
     recover = world.recover(MAX_JOBS_AT_FAL="1")
     report = recover.lambda_handler({}, LambdaContext("recover", 60))
     assert report["slots_reclaimed"] == 1 and slots(world) == {}
+
+
+def test_a_taker_whose_hold_lapsed_after_recovery_handed_its_slot_on_sends_nothing(world: World) -> None:
+    # The clean-clone `make load` found 5 open at fal with MaxJobsAtFal 4: a submit function slow past its hold
+    # still sent after recovery had freed its slot and a second upload had taken it.
+    store = JobStore(world.aws.table())
+    admission = Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0)
+    slow, holder = uuid.uuid4().hex, new_holder()
+    store.create(
+        job_id=slow, bucket=world.aws.resources.bucket, key="inputs/slow.jpg", version_id="v", etag=None, sequencer=None,
+        event_time=None, output_prefix="outputs/slow.jpg/x/", holder=holder, hold_ms=300,
+    )  # fmt: skip
+    taken = admission.admit(slow, 1)
+    assert isinstance(taken, Admitted)
+    time.sleep(0.4)  # the taker stalls past its hold
+    report = world.recover(MAX_JOBS_AT_FAL="1").lambda_handler({}, LambdaContext("recover", 60))
+    assert report["slots_reclaimed"] == 1
+    assert isinstance(admission.admit("f" * 32, 1), Admitted)  # the next upload takes the freed slot
+    with pytest.raises(JobConflict):
+        store.begin_send(slow, holder, input_json="{}", slot=taken.slot)
+    assert slots(world) == {0: "f" * 32}
+    job = store.get(slow)
+    assert job is not None and job.state is JobState.SUBMITTING and job.sent_at_ms is None
 
 
 def test_waiting_uploads_do_not_count_towards_the_dlq(world: World) -> None:

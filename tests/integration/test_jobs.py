@@ -107,6 +107,15 @@ def test_a_lapsed_hold_before_sending_may_be_taken_over_but_never_after(aws: Aws
         store.begin_send("c" * 32, "other", input_json="{}")
 
 
+def test_a_holder_whose_hold_lapsed_may_not_send(aws: Aws) -> None:
+    store = JobStore(aws.table())
+    assert new_job(store, "d" * 32, hold_ms=-1) is not None  # still ours by name, but anyone may take it now
+    with pytest.raises(JobConflict):
+        store.begin_send("d" * 32, HOLDER, input_json="{}")
+    job = store.get("d" * 32)
+    assert job is not None and job.state is JobState.SUBMITTING and job.sent_at_ms is None
+
+
 def test_only_a_definite_not_enqueued_answer_leads_back_from_sending(aws: Aws) -> None:
     store = JobStore(aws.table())
     assert new_job(store) is not None

@@ -415,6 +415,8 @@ class JobStore:
     ) -> Job:
         """The point of no return: from here the request may be at fal. Raises :class:`JobConflict` if not held.
 
+        The hold must still be live, not only ours: once it lapses, recovery may have given the job's slot to
+        another upload, and sending now would open one request more at fal than the stack allows.
         Records what admission granted (the slot, the budget charged), so every ending can give it back.
         """
         at = now_ms()
@@ -433,7 +435,7 @@ class JobStore:
             job_id,
             JobState.SENDING,
             note="sending to fal",
-            condition="#state = :submitting AND holder = :holder",
+            condition="#state = :submitting AND holder = :holder AND held_until_ms > :at",
             values=values,
             sets=sets,
             removes=("from_line",),

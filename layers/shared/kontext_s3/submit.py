@@ -370,9 +370,14 @@ class Submitter:
                 recipe_json=prepared.recipe_json,
             )
         except JobConflict:
+            # Our hold lapsed: recovery may have handed our slot on, so nothing is sent. The job is taken up
+            # again by whoever took it, or by the line / the message's next delivery, never dropped.
             self._give_back(job.job_id, admitted)
-            logger.warning("lost the job before sending it (its hold lapsed and another worker took it); nothing sent")
-            return ChangeResult(Outcome.DUPLICATE, job.key, job.job_id, "hold lost")
+            logger.warning("the hold lapsed before sending; nothing sent, the job is taken up again")
+            if in_line:
+                self._jobs.return_to_line(job.job_id)
+                return ChangeResult(Outcome.WAITING, job.key, job.job_id, "hold lapsed")
+            raise RetryLater("the hold lapsed before sending") from None
         # From here the request may be at fal: every path below ends in a recorded state, never a resend.
         headers = {"X-Fal-Request-Timeout": str(start_within)} if start_within else {}
         if self._settings.fal_media_retention_seconds:
