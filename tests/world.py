@@ -103,9 +103,13 @@ class World:
     # -- what was left ---------------------------------------------------------------------
 
     def job(self, key: str, version: str) -> Job:
-        job = JobStore(self.aws.table()).get(derive_job_id(self.aws.resources.bucket, key, version))
-        assert job is not None, f"no job for {key}"
-        return job
+        """The upload's one job (see :meth:`jobs_of_upload` when its edit changed)."""
+        jobs = self.jobs_of_upload(key, version)
+        assert len(jobs) == 1, f"{len(jobs)} jobs for {key}"
+        return jobs[0]
+
+    def jobs_of_upload(self, key: str, version: str) -> list[Job]:
+        return JobStore(self.aws.table()).jobs_of_upload(derive_job_id(self.aws.resources.bucket, key, version))
 
     def jobs_of(self, key: str) -> list[Job]:
         """Every job of an input key, whatever its version (when the event named none)."""

@@ -83,7 +83,7 @@ def test_a_text_file_named_png_is_refused_before_upload(
     fake = tmp_path / "notes.png"
     fake.write_text("just some text, not an image\n")
     code, _, err = run(capsys, "upload", str(fake), "--prompt", "x")
-    assert "not a JPEG, PNG, WebP or GIF image" in one_line_error(code, err)
+    assert "not a JPEG, PNG, WebP, GIF, HEIC/HEIF or AVIF image" in one_line_error(code, err)
     assert aws.s3.list_objects_v2(Bucket=aws.resources.bucket).get("KeyCount", 0) == 0
 
 

@@ -20,7 +20,8 @@ from tests.integration.test_submit import WEBHOOK, poller
 
 @pytest.fixture
 def submit(load_handler: Callable[..., ModuleType], function_env: Callable[..., dict[str, str]]) -> ModuleType:
-    return load_handler("submit", function_env(webhook_url=WEBHOOK))
+    # Untagged uploads without a recipe are reported at once here; waiting for late tags is test_submit's.
+    return load_handler("submit", function_env(webhook_url=WEBHOOK, TAG_WAIT_SECONDS="0"))
 
 
 def put_recipe(aws: Aws, key: str, fields: object) -> str:
@@ -34,7 +35,10 @@ def upload(aws: Aws, key: str, fields: dict[str, object] | None = None) -> str:
 
 
 def job(aws: Aws, key: str, version: str) -> tuple[JobStore, str]:
-    return JobStore(aws.table()), derive_job_id(aws.resources.bucket, key, version)
+    store = JobStore(aws.table())
+    jobs = store.jobs_of_upload(derive_job_id(aws.resources.bucket, key, version))
+    assert len(jobs) == 1, f"{len(jobs)} jobs for {key}"
+    return store, jobs[0].job_id
 
 
 def drain(aws: Aws, submit: ModuleType) -> None:

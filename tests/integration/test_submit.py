@@ -50,7 +50,11 @@ def upload(aws: Aws, key: str, fields: dict[str, object], body: bytes | None = N
 
 
 def job_of(aws: Aws, key: str, version: str) -> tuple[str, JobStore]:
-    return derive_job_id(aws.resources.bucket, key, version), JobStore(aws.table())
+    """The id of the upload's one job (with re-runs on tag changes it names the edit too), and the store."""
+    store = JobStore(aws.table())
+    jobs = store.jobs_of_upload(derive_job_id(aws.resources.bucket, key, version))
+    assert len(jobs) == 1, f"{len(jobs)} jobs for {key}"
+    return jobs[0].job_id, store
 
 
 def test_a_tagged_upload_becomes_one_fal_request_with_the_model_input_and_a_webhook(
@@ -138,15 +142,102 @@ def test_a_bad_tag_gives_an_error_record_and_no_retry(aws: Aws, emulator: FalEmu
     assert aws.receive(wait=0, visibility=0) == []  # acknowledged: retrying cannot fix a tag
 
 
-def test_a_missing_prompt_is_reported_not_retried(aws: Aws, emulator: FalEmulator, submit: ModuleType) -> None:
-    aws.drain_test_event()
-    put = aws.s3.put_object(Bucket=aws.resources.bucket, Key="inputs/no-prompt.jpg", Body=jpeg_bytes(), Tagging="seed=3")
+def test_without_a_tag_wait_a_missing_prompt_is_reported_at_once(
+    aws: Aws, emulator: FalEmulator, load_handler: Callable[..., ModuleType], function_env: Callable[..., dict[str, str]]
+) -> None:
+    submit = load_handler("submit", function_env(webhook_url=WEBHOOK, TAG_WAIT_SECONDS="0"))
+    version = upload(aws, "inputs/no-prompt.jpg", {"seed": 3})
     poller(aws, submit).poll_once(wait_seconds=2)
-    job_id, _ = job_of(aws, "inputs/no-prompt.jpg", put["VersionId"])
+    job_id, _ = job_of(aws, "inputs/no-prompt.jpg", version)
     error = aws.get_json(f"outputs/no-prompt.jpg/{job_id}/error.json")
     assert error["problems"][0]["field"] == "prompt"
     assert "required" in error["problems"][0]["message"]
     assert emulator.submits() == []
+
+
+# -- tags that come after the upload, and changed tags ---------------------------------------------------
+
+
+def tagged_later(aws: Aws, key: str, fields: dict[str, object]) -> None:
+    tags = encode_tags(fields)
+    aws.s3.put_object_tagging(Bucket=aws.resources.bucket, Key=key, Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]})
+
+
+def deliver_all(aws: Aws, submit: ModuleType, wait_seconds: int = 2) -> int:
+    handled = 0
+    while count := poller(aws, submit).poll_once(wait_seconds=wait_seconds):
+        handled += count
+    return handled
+
+
+def test_an_upload_without_a_prompt_waits_for_its_tags_and_then_reports_them_missing(
+    aws: Aws, emulator: FalEmulator, load_handler: Callable[..., ModuleType], function_env: Callable[..., dict[str, str]]
+) -> None:
+    submit = load_handler("submit", function_env(webhook_url=WEBHOOK, TAG_WAIT_SECONDS="3"))
+    version = upload(aws, "inputs/untagged.jpg", {"seed": 3})
+    assert poller(aws, submit).poll_once(wait_seconds=2) == 1
+    assert JobStore(aws.table()).jobs_of_upload(derive_job_id(aws.resources.bucket, "inputs/untagged.jpg", version)) == []
+    assert aws.keys("outputs/untagged.jpg/") == []  # no error record yet: its tags may still come
+    # The deadline is a message SQS holds back for TAG_WAIT_SECONDS, not a function asleep.
+    deliver_all(aws, submit, wait_seconds=5)
+    job_id, _ = job_of(aws, "inputs/untagged.jpg", version)
+    error = aws.get_json(f"outputs/untagged.jpg/{job_id}/error.json")
+    assert error["code"] == "invalid_tags" and error["problems"][0]["field"] == "prompt"
+    assert emulator.submits() == []
+    assert aws.receive(aws.resources.dlq_url, wait=0) == []
+
+
+def test_tags_put_after_the_upload_start_its_job_once(
+    aws: Aws, emulator: FalEmulator, load_handler: Callable[..., ModuleType], function_env: Callable[..., dict[str, str]]
+) -> None:
+    submit = load_handler("submit", function_env(webhook_url=WEBHOOK, TAG_WAIT_SECONDS="3"))
+    aws.drain_test_event()
+    version = str(aws.s3.put_object(Bucket=aws.resources.bucket, Key="inputs/late.jpg", Body=jpeg_bytes())["VersionId"])
+    assert deliver_all(aws, submit) == 1  # the upload waits for its tags
+    tagged_later(aws, "inputs/late.jpg", {"prompt": "paint it gold", "seed": 5})
+    deliver_all(aws, submit, wait_seconds=5)  # the tagging event, then the upload's deadline
+    [submitted] = emulator.submits()
+    assert submitted["body"]["prompt"] == "paint it gold" and submitted["body"]["seed"] == 5
+    job_id, jobs = job_of(aws, "inputs/late.jpg", version)
+    job = jobs.get(job_id)
+    assert job is not None and job.state is JobState.SUBMITTED
+    assert aws.keys("outputs/late.jpg/") == []  # the deadline found the job: no error record
+
+
+def test_a_changed_prompt_is_a_new_job_in_its_own_folder_and_the_same_prompt_again_is_nothing(
+    aws: Aws, emulator: FalEmulator, submit: ModuleType
+) -> None:
+    version = upload(aws, "inputs/again.jpg", {"prompt": "make it blue"})
+    deliver_all(aws, submit)
+    tagged_later(aws, "inputs/again.jpg", {"prompt": "make it red"})
+    deliver_all(aws, submit)
+    tagged_later(aws, "inputs/again.jpg", {"prompt": "make it red"})  # set again: the same edit
+    tagged_later(aws, "inputs/again.jpg", {"prompt": "make it blue"})  # back to the first: it ran already
+    deliver_all(aws, submit)
+    assert [s["body"]["prompt"] for s in emulator.submits()] == ["make it blue", "make it red"]
+    jobs = JobStore(aws.table()).jobs_of_upload(derive_job_id(aws.resources.bucket, "inputs/again.jpg", version))
+    assert [job.sent_input["prompt"] for job in jobs if job.sent_input] == ["make it blue", "make it red"]
+    folders = {job.output_prefix for job in jobs}
+    assert len(folders) == 2 and all(folder.startswith("outputs/again.jpg/") for folder in folders)
+
+
+def test_an_uploads_own_tags_seen_again_as_a_tagging_event_start_nothing(aws: Aws, emulator: FalEmulator, submit: ModuleType) -> None:
+    upload(aws, "inputs/echo.jpg", {"prompt": "once", "seed": 4})
+    assert deliver_all(aws, submit) == 1  # S3 sends ObjectCreated only (moto_server puts moto's extra event right)
+    tagged_later(aws, "inputs/echo.jpg", {"prompt": "once", "seed": 4})  # a tool writing the same tags again
+    assert deliver_all(aws, submit) == 1
+    assert len(emulator.submits()) == 1
+
+
+def test_with_reruns_off_changed_tags_start_nothing(
+    aws: Aws, emulator: FalEmulator, load_handler: Callable[..., ModuleType], function_env: Callable[..., dict[str, str]]
+) -> None:
+    submit = load_handler("submit", function_env(webhook_url=WEBHOOK, RERUN_ON_TAG_CHANGE="false"))
+    upload(aws, "inputs/once.jpg", {"prompt": "make it blue"})
+    deliver_all(aws, submit)
+    tagged_later(aws, "inputs/once.jpg", {"prompt": "make it red"})
+    deliver_all(aws, submit)
+    assert [s["body"]["prompt"] for s in emulator.submits()] == ["make it blue"]
 
 
 def test_an_object_that_is_not_an_image_is_refused(aws: Aws, emulator: FalEmulator, submit: ModuleType) -> None:
@@ -155,7 +246,7 @@ def test_an_object_that_is_not_an_image_is_refused(aws: Aws, emulator: FalEmulat
     job_id, _ = job_of(aws, "inputs/notes.jpg", version)
     error = aws.get_json(f"outputs/notes.jpg/{job_id}/error.json")
     assert error["code"] == "unsupported_object"
-    assert "JPEG, PNG, WebP or GIF" in error["message"]
+    assert "JPEG, PNG, WebP, GIF, HEIC/HEIF or AVIF" in error["message"]
     assert emulator.submits() == []
 
 

@@ -68,9 +68,12 @@ def test_result_writers_may_write_only_under_the_output_prefix(function: str) ->
     assert not [s for s in statements(function) if "s3:GetObject" in s["Action"]]
 
 
-def test_the_submit_function_reads_only_inputs() -> None:
-    [read] = [s for s in statements("SubmitFunction") if "s3:GetObject" in s["Action"]]
-    assert read["Resource"]["Sub"].endswith("/${InputPrefix}*")
+def test_the_submit_function_reads_only_inputs_and_their_prepared_copies() -> None:
+    reads = sorted(s["Resource"]["Sub"] for s in statements("SubmitFunction") if "s3:GetObject" in s["Action"])
+    assert [read.rsplit(":::", 1)[-1] for read in reads] == [
+        "${InputBucket}/${InputPrefix}*",
+        "${InputBucket}/${OutputPrefix}*/input-prepared.*",
+    ]
 
 
 def test_the_webhook_is_a_public_function_url_that_checks_signatures_itself() -> None:

@@ -119,7 +119,8 @@ class MotoServer:
 
     def start(self, timeout: float = 30.0) -> MotoServer:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            # moto's server, with its one S3 notification that AWS does not send put right (see the module).
+            [sys.executable, "-m", "kontext_s3_tools.moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
             # AWS's managed policies (AWSLambdaBasicExecutionRole ...), which SAM attaches to function roles.
             env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
             stdout=subprocess.DEVNULL,
@@ -1014,6 +1015,8 @@ class LocalStack:
             "KONTEXT_S3_TABLE": self.resources.table,
             "KONTEXT_S3_INPUT_PREFIX": self.resources.input_prefix,
             "KONTEXT_S3_OUTPUT_PREFIX": self.resources.output_prefix,
+            "KONTEXT_S3_QUEUE_URL": self.resources.queue_url,
+            "KONTEXT_S3_DLQ_URL": self.resources.dlq_url,
         }
 
     def target(self) -> Target:
@@ -1025,6 +1028,8 @@ class LocalStack:
             endpoint_url=self.gateway.url,
             region=REGION,
             credentials=self.resources.admin,
+            queue_url=self.resources.queue_url,
+            dlq_url=self.resources.dlq_url,
         )
 
     def __enter__(self) -> LocalStack:

@@ -210,7 +210,12 @@ DISPATCH = {"kontext_s3": "dispatch"}
 
 def is_dispatch(body: str) -> bool:
     """Whether an uploads-queue message is the signal that a slot is free (not an S3 notification)."""
-    return body.startswith('{"kontext_s3"') and '"dispatch"' in body
+    if not body.startswith('{"kontext_s3"'):  # the cheap test first: nearly every message is an S3 notification
+        return False
+    try:
+        return bool(json.loads(body) == DISPATCH)
+    except ValueError:
+        return False
 
 
 class DispatchSignal:

@@ -254,6 +254,8 @@ class JobFinisher:
             "source": source_of(job),
             "recipe": job.recipe,
             "input": job.sent_input,
+            # The input's size, and the prepared copy fal was given instead when the upload needed one (what changed, why).
+            "input_image": job.image,
             "output": _elide_data_uris(redact(output.model_dump(mode="json"))),
             "images_asked": asked,
             "images_returned": len(output.images),
@@ -395,7 +397,7 @@ def _advice(code: str, retryable: bool) -> str:
     if code == "invalid_recipe":
         return "Fix the recipe's fields named in 'problems' (kontext-s3 recipe put), then upload the image again."
     if code == "unsupported_object":
-        return "Upload a JPEG, PNG, WebP or GIF image within the size limit."
+        return "Upload a JPEG, PNG, WebP, GIF, HEIC/HEIF or AVIF image within the size limits (bytes, pixels, shortest side)."
     if code == "unsupported_key":
         return "Upload the image under a key without '.' or '..' path segments."
     if code == "input_missing":

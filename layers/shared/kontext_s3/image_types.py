@@ -13,7 +13,6 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
 SNIFF_BYTES = 16
 #: ``output_format`` values of the model and the type their bytes must have.
 OUTPUT_FORMAT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
-SUPPORTED = "JPEG, PNG, WebP or GIF"
 
 
 def sniff_image(first_bytes: bytes) -> str | None:

@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from kontext_s3.dynamo import TableLike
 
 OPEN_JOBS_INDEX = "open-jobs"
+#: Items ``_upload#<upload id>`` list the jobs of one upload (one per edit) for those who know only the upload.
+UPLOAD_PREFIX = "_upload#"
 #: Partitions per open state in the index; a job's shard comes from its id.
 OPEN_SHARDS = 8
 NOTIFY = "NOTIFY"
@@ -102,6 +104,8 @@ class Job(BaseModel):
     updated_at: str
     attempts: int = 0
     arrived_at_ms: int | None = None
+    #: Fingerprint of the edit this job was made for (``job_id.edit_mark``); None for jobs from before re-runs.
+    edit_mark: str | None = None
     #: Its place in the open-jobs index: for a WAITING job, its place in line.
     open_order: int | None = None
     holder: str | None = None
@@ -114,6 +118,8 @@ class Job(BaseModel):
     input_json: str | None = None
     #: The folder recipe the edit came from (``recipes.Recipe.describe``), as JSON; None without one.
     recipe_json: str | None = None
+    #: The input image as found and as prepared for fal (``submit``), as JSON.
+    image_json: str | None = None
     sent_at_ms: int | None = None
     admitted_at_ms: int | None = None
     #: Admission (see ``admission``): the slot held, and the UTC day and images charged to the budget.
@@ -146,6 +152,11 @@ class Job(BaseModel):
     @property
     def recipe(self) -> dict[str, Any] | None:
         return json.loads(self.recipe_json) if self.recipe_json else None
+
+    @property
+    def image(self) -> dict[str, Any] | None:
+        """The input image as found (size, orientation) and what preparing it for fal changed."""
+        return json.loads(self.image_json) if self.image_json else None
 
     @property
     def sent_input(self) -> dict[str, Any] | None:
@@ -275,9 +286,21 @@ class JobStore:
         output_prefix: str,
         holder: str,
         hold_ms: int,
+        upload_id: str | None = None,
+        edit_mark: str | None = None,
     ) -> Job | None:
-        """Create the job, held by ``holder``; ``None`` when it already exists."""
+        """Create the job, held by ``holder``; ``None`` when it already exists.
+
+        ``upload_id`` names the upload (the object version) when this is not its first job (its tags asked for
+        another edit): the job is listed under it first, so :meth:`jobs_of_upload` finds every job that may exist.
+        """
         at = now_ms()
+        if upload_id is not None and upload_id != job_id:
+            self._table.update_item(
+                Key={"job_id": f"{UPLOAD_PREFIX}{upload_id}"},
+                UpdateExpression="ADD job_ids :ids SET expires_at = if_not_exists(expires_at, :expires)",
+                ExpressionAttributeValues={":ids": {job_id}, ":expires": at // 1000 + self._ttl_seconds},
+            )
         writer = new_holder()
         item: dict[str, Any] = {
             "job_id": job_id,
@@ -298,7 +321,17 @@ class JobStore:
             "history": [{"state": JobState.SUBMITTING.value, "at": iso(at), "note": "upload seen"}],
         }
         item.update(
-            {k: v for k, v in (("version_id", version_id), ("etag", etag), ("sequencer", sequencer), ("event_time", event_time)) if v}
+            {
+                k: v
+                for k, v in (
+                    ("version_id", version_id),
+                    ("etag", etag),
+                    ("sequencer", sequencer),
+                    ("event_time", event_time),
+                    ("edit_mark", edit_mark),
+                )
+                if v
+            }
         )
         try:
             self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(job_id)")
@@ -307,6 +340,13 @@ class JobStore:
                 return self._if_mine(job_id, writer)
             raise
         return Job.model_validate(item)
+
+    def jobs_of_upload(self, upload_id: str) -> list[Job]:
+        """Every job of one upload (its first, and one per changed edit), oldest first."""
+        item = self._table.get_item(Key={"job_id": f"{UPLOAD_PREFIX}{upload_id}"}, ConsistentRead=True).get("Item") or {}
+        ids = sorted({upload_id, *(str(job_id) for job_id in item.get("job_ids", ()))})
+        jobs = [job for job_id in ids if (job := self.get(job_id)) is not None]
+        return sorted(jobs, key=lambda job: (job.arrived_at_ms or 0, job.created_at))
 
     def take_over(self, job_id: str, *, holder: str, hold_ms: int) -> Job | None:
         """Hold a job nothing was sent for: released, failed retryably, or whose holder died before sending."""
@@ -348,6 +388,7 @@ class JobStore:
         input_json: str,
         content_type: str,
         recipe_json: str | None = None,
+        image_json: str | None = None,
     ) -> Job | None:
         """No slot (or no budget) yet: the job waits its turn, in arrival order, holding nothing."""
         values: dict[str, Any] = {
@@ -362,6 +403,9 @@ class JobStore:
         if recipe_json is not None:
             sets += ", recipe_json = :recipe"
             values[":recipe"] = recipe_json
+        if image_json is not None:
+            sets += ", image_json = :image"
+            values[":image"] = image_json
         return self._transition(
             job_id,
             JobState.WAITING,
@@ -412,6 +456,7 @@ class JobStore:
         budget_day: str | None = None,
         images: int = 0,
         recipe_json: str | None = None,
+        image_json: str | None = None,
     ) -> Job:
         """The point of no return: from here the request may be at fal. Raises :class:`JobConflict` if not held.
 
@@ -431,6 +476,9 @@ class JobStore:
         if recipe_json is not None:
             sets += ", recipe_json = :recipe"
             values[":recipe"] = recipe_json
+        if image_json is not None:
+            sets += ", image_json = :image"
+            values[":image"] = image_json
         job = self._transition(
             job_id,
             JobState.SENDING,

@@ -10,6 +10,7 @@ a job record stays small and a runaway prompt is refused before it is paid for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
@@ -45,6 +46,20 @@ class AspectRatio(StrEnum):
     R3_4 = "3:4"
     R9_16 = "9:16"
     R9_21 = "9:21"
+
+
+#: ``aspect_ratio=match`` (ours, not the model's): the allowed ratio nearest the input image's.
+MATCH_INPUT = "match"
+
+
+def nearest_aspect_ratio(width: int, height: int) -> str:
+    """The model's allowed ratio nearest ``width:height`` (compared as logarithms, so 2:1 and 1:2 are equally far)."""
+
+    def distance(ratio: AspectRatio) -> float:
+        w, h = (int(part) for part in ratio.value.split(":"))
+        return abs(math.log((width / height) / (w / h)))
+
+    return min(AspectRatio, key=distance).value
 
 
 class KontextMaxInput(BaseModel):

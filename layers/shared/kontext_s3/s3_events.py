@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import quote_plus, unquote_plus
 
 from aws_lambda_powertools.utilities.data_classes import S3Event
 
@@ -37,6 +37,41 @@ class ObjectChange:
     @property
     def removed(self) -> bool:
         return self.event_name.startswith("ObjectRemoved:")
+
+    @property
+    def tagged(self) -> bool:
+        """New tags on an existing object (``s3:ObjectTagging:Put``): late tags, or a changed edit."""
+        return self.event_name == "ObjectTagging:Put"
+
+    def to_record(self) -> dict[str, Any]:
+        """This change as an S3 notification record, for messages the stack sends itself (backfill, a tag deadline)."""
+        obj: dict[str, Any] = {"key": quote_plus(self.key, safe="/")}
+        for name, value in (("versionId", self.version_id), ("eTag", self.etag), ("sequencer", self.sequencer), ("size", self.size)):
+            if value is not None:
+                obj[name] = value
+        return {
+            "eventVersion": "2.1",
+            "eventSource": "aws:s3",
+            "eventTime": self.event_time,
+            "eventName": self.event_name,
+            "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": self.bucket, "arn": f"arn:aws:s3:::{self.bucket}"}, "object": obj},
+        }
+
+
+def stack_marks(body: str) -> dict[str, Any]:
+    """The marks of a message the stack sent itself (see :func:`notification`); ``{}`` for S3's own."""
+    if not body.startswith('{"kontext_s3"'):
+        return {}
+    try:
+        marks = json.loads(body).get("kontext_s3")
+    except (ValueError, AttributeError):
+        return {}
+    return marks if isinstance(marks, dict) else {}
+
+
+def notification(changes: list[ObjectChange], **marks: Any) -> str:
+    """An SQS body in S3's notification shape; ``marks`` (top-level, beside ``Records``) say why the stack sent it."""
+    return json.dumps({**({"kontext_s3": marks} if marks else {}), "Records": [change.to_record() for change in changes]})
 
 
 def parse_notification(body: str) -> list[ObjectChange]:

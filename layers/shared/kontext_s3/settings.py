@@ -41,6 +41,9 @@ class Settings(BaseModel):
     image_transport: Literal["presigned-url", "data-uri"] = Field(default="presigned-url", alias="IMAGE_TRANSPORT")
     presign_expiry_seconds: int = Field(default=3600, ge=60, le=604800, alias="PRESIGN_EXPIRY_SECONDS")
     max_input_bytes: int = Field(default=50 * 1024 * 1024, gt=0, alias="MAX_INPUT_BYTES")
+    #: Refused before any submit: more pixels than this (read from the header), or a side shorter than that.
+    max_input_pixels: int = Field(default=40_000_000, gt=0, alias="MAX_INPUT_PIXELS")
+    min_input_side: int = Field(default=32, ge=1, alias="MIN_INPUT_SIDE")
     max_receive_count: int = Field(default=5, ge=1, alias="MAX_RECEIVE_COUNT")
     #: Admission (see ``admission``): requests kept open at fal, and images a UTC day may cost; 0 is no limit.
     max_jobs_at_fal: int = Field(default=0, ge=0, alias="MAX_JOBS_AT_FAL")
@@ -49,6 +52,9 @@ class Settings(BaseModel):
     uploads_queue_url: str = Field(default="", alias="UPLOADS_QUEUE_URL")
     #: How long fal keeps its copies of the outputs (X-Fal-Object-Lifecycle-Preference); 0 is fal's default.
     fal_media_retention_seconds: int = Field(default=0, ge=0, alias="FAL_MEDIA_RETENTION_SECONDS")
+    #: How long an upload with no edit waits for tags that come after it; and whether changed tags start a new job.
+    tag_wait_seconds: int = Field(default=300, ge=0, le=900, alias="TAG_WAIT_SECONDS")
+    rerun_on_tag_change: bool = Field(default=True, alias="RERUN_ON_TAG_CHANGE")
     job_ttl_days: int = Field(default=30, ge=1, alias="JOB_TTL_DAYS")
 
     fal_jwks_url: str = Field(default="https://rest.alpha.fal.ai/.well-known/jwks.json", alias="FAL_JWKS_URL")

@@ -1,11 +1,16 @@
 """From one S3 notification to (at most) one request in fal's queue.
 
-For each uploaded object under the input prefix of the input bucket:
+For each uploaded (or newly tagged) object under the input prefix of the input bucket:
 
-1. create its job, or find it: a second delivery of the same upload stops here;
-2. check the upload still exists, read the tags of that exact version and
-   validate them against the model, check the object is an image we can send;
-3. make the image reachable to fal (a fresh presigned URL);
+1. read the tags of that exact version (and its folder recipe) and validate
+   them against the model; an upload with no prompt yet waits
+   ``TAG_WAIT_SECONDS`` for late tags (a delayed message, not a sleep);
+2. create its job, or find it: a second delivery of the same upload and edit
+   stops here (a changed edit is a job of its own, ``RERUN_ON_TAG_CHANGE``);
+3. check the upload still exists and is an image within the limits, from its
+   header; prepare a copy when fal should not see it as stored (EXIF
+   orientation, HEIC/AVIF), and make the image reachable to fal (a fresh
+   presigned URL, after admission);
 4. mark the job SENDING, then submit to fal's queue with the webhook URL that
    names the job;
 5. record what fal's answer proves (see ``fal_queue``): accepted, certainly
@@ -29,7 +34,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -40,16 +45,16 @@ from kontext_s3.admission import Admission, Admitted, Wait, is_dispatch
 from kontext_s3.completion import JobFinisher
 from kontext_s3.edit_request import InvalidEditRequest, build_model_input
 from kontext_s3.fal_queue import Accepted, FalQueueClient, NotEnqueued, Refused, SubmitOutcome, Unknown, summarize_detail
-from kontext_s3.image_types import SUPPORTED, sniff_image
-from kontext_s3.job_id import derive_job_id
+from kontext_s3.input_image import InputImages, RefusedInput, missing
+from kontext_s3.job_id import derive_job_id, edit_mark
 from kontext_s3.jobs import Job, JobConflict, JobState, JobStore, new_holder, now_ms
 from kontext_s3.log import logger
-from kontext_s3.model_schema import FieldProblem
+from kontext_s3.model_schema import MATCH_INPUT, FieldProblem
 from kontext_s3.output_store import OutputLayout, has_dot_segments
 from kontext_s3.recipes import InvalidRecipe, Recipe, RecipeBook, is_recipe
 from kontext_s3.recovery import Cancellation
 from kontext_s3.redact import redact
-from kontext_s3.s3_events import MalformedNotification, ObjectChange, parse_notification
+from kontext_s3.s3_events import MalformedNotification, ObjectChange, notification, parse_notification, stack_marks
 from kontext_s3.settings import Settings
 from kontext_s3.tag_codec import TagEncodingError, decode_tags
 
@@ -82,11 +87,44 @@ class RetryLater(RuntimeError):
 
 
 class _UserError(Exception):
-    def __init__(self, code: str, message: str, problems: list[FieldProblem] | None = None, recipe: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        problems: list[FieldProblem] | None = None,
+        recipe: dict[str, Any] | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.problems = problems or []
         self.recipe = recipe
+        #: The edit asked for, when it could be read: with re-runs on tag changes, part of the job's id.
+        self.fields = fields
+
+
+class _AwaitingTags(Exception):
+    """An upload without an edit yet, inside ``TAG_WAIT_SECONDS``: its tags may come after it."""
+
+
+class _NoEdit(Exception):
+    """New tags on an object that still describe no edit: nothing to start, nothing to report yet."""
+
+
+@dataclass(frozen=True)
+class _Intent:
+    """What a message the stack sent itself adds to an S3 event (see ``s3_events.notification``)."""
+
+    #: The tags' wait is over (a tag deadline, or a backfill of objects that were never going to be tagged late).
+    tags_due: bool = False
+    #: Edit fields a backfill was given, below the object's own tags.
+    fields: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, marks: dict[str, Any]) -> _Intent:
+        given = marks.get("fields")
+        fields = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else {}
+        return cls(tags_due=bool(marks.get("tags_due") or marks.get("backfill")), fields=fields)
 
 
 @dataclass(frozen=True)
@@ -98,6 +136,13 @@ class _Prepared:
     images: int  # what fal bills
     #: The folder recipe the edit came from, as the job records it (JSON), or None.
     recipe_json: str | None = None
+    #: The input image as found (size, orientation) and what preparing it changed (JSON), or None.
+    image_json: str | None = None
+
+    @property
+    def prepared_key(self) -> str | None:
+        """The prepared copy fal is given instead of the upload, when the upload needed one."""
+        return (json.loads(self.image_json).get("prepared") or {}).get("key") if self.image_json else None
 
 
 class Submitter:
@@ -112,6 +157,7 @@ class Submitter:
         cancellation: Cancellation | None = None,
         admission: Admission | None = None,
         slot_freed: Callable[[], None] | None = None,
+        send_later: Callable[[str, int], None] | None = None,
     ) -> None:
         if not settings.webhook_url:
             raise ValueError("WEBHOOK_URL is not set: fal would have nowhere to report results")
@@ -129,7 +175,10 @@ class Submitter:
         self._dispatching = False
         self._dispatch_again = False
         self._slot_freed = slot_freed
+        #: Puts a message on the uploads queue after a delay: an upload waiting for its tags is looked at again.
+        self._send_later = send_later
         self._layout = OutputLayout(settings.input_prefix, settings.output_prefix)
+        self._images = InputImages(s3, settings)
 
     def handle_message(self, body: str, *, message_id: str, receive_count: int, deadline: float) -> list[ChangeResult]:
         """Handle one SQS message body. Raises :class:`RetryLater` (or any error) to have it retried."""
@@ -150,10 +199,11 @@ class Submitter:
             raise
         if not changes:
             logger.info("s3:TestEvent acknowledged", extra={"message_id": message_id})
+        intent = _Intent.of(stack_marks(body))
         results = []
         for change in changes:
             try:
-                results.append(self.handle_change(change, receive_count=receive_count, deadline=deadline))
+                results.append(self.handle_change(change, receive_count=receive_count, deadline=deadline, intent=intent))
             except RetryLater:
                 raise  # logged where it was decided
             except Exception as exc:
@@ -164,7 +214,7 @@ class Submitter:
                 raise
         return results
 
-    def handle_change(self, change: ObjectChange, *, receive_count: int, deadline: float) -> ChangeResult:
+    def handle_change(self, change: ObjectChange, *, receive_count: int, deadline: float, intent: _Intent | None = None) -> ChangeResult:
         logger.thread_safe_append_keys(object_key=change.key, bucket=change.bucket)
         try:
             if change.bucket != self._settings.input_bucket:
@@ -179,23 +229,101 @@ class Submitter:
             if change.removed and self._cancellation is not None:
                 cancelled = self._cancellation.input_removed(change, deadline=deadline)
                 return ChangeResult(Outcome.CANCELLED if cancelled else Outcome.IGNORED, change.key, detail=",".join(cancelled))
-            if not change.created:
+            if not (change.created or change.tagged):
                 return ChangeResult(Outcome.IGNORED, change.key, detail=f"{change.event_name} is not an upload")
+            if change.tagged and not self._settings.rerun_on_tag_change and not self._settings.tag_wait_seconds:
+                return ChangeResult(Outcome.IGNORED, change.key, detail="tags are read at upload only")
             if not change.version_id:
                 change = replace(change, version_id=self._resolve_version(change))
-            job_id = derive_job_id(change.bucket, change.key, change.version_id, change.etag, change.sequencer or change.event_time)
-            logger.thread_safe_append_keys(job_id=job_id)
-            return self._handle_upload(change, job_id, receive_count=receive_count, deadline=deadline)
+            return self._handle_upload(change, intent or _Intent(), receive_count=receive_count, deadline=deadline)
         finally:
             logger.thread_safe_remove_keys(["object_key", "bucket", "job_id"])
 
     # -- one upload ---------------------------------------------------------------
 
-    def _handle_upload(self, change: ObjectChange, job_id: str, *, receive_count: int, deadline: float) -> ChangeResult:
+    def _handle_upload(self, change: ObjectChange, intent: _Intent, *, receive_count: int, deadline: float) -> ChangeResult:
+        # The edit is read before the job exists: with re-runs on tag changes, it is part of the job's id.
+        # The image is looked at only once the job is ours, so a duplicate delivery stops at the job.
+        try:
+            edit = self._edit(change, intent)
+        except _AwaitingTags:
+            self._tags_due_later(change)
+            logger.info("no edit yet: waiting for the upload's tags", extra={"tag_wait_seconds": self._settings.tag_wait_seconds})
+            return ChangeResult(Outcome.WAITING, change.key, None, "tags")
+        except _NoEdit:
+            logger.info("ignored: new tags that describe no edit (an earlier tag deadline reports a missing prompt)")
+            return ChangeResult(Outcome.IGNORED, change.key, detail="tags describe no edit")
+        except _UserError as exc:
+            return self._refuse(change, exc, deadline)
+        except Exception as exc:
+            return self._transient(change, exc, receive_count, deadline)
+        held = self._hold(change, edit.body, deadline)
+        if isinstance(held, ChangeResult):
+            return held
+        job, holder = held
+        try:
+            prepared = self._with_image(job, change, edit)
+        except _UserError as exc:
+            self._finisher.fail(job, holder, stage="validation", code=exc.code, message=str(exc), problems=exc.problems, recipe=exc.recipe)
+            return ChangeResult(Outcome.FAILED, change.key, job.job_id, f"{exc.code}: {exc}")
+        except Exception as exc:
+            return self._retry_later(job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False)
+        return self._take_turn(job, holder, prepared, receive_count=receive_count, deadline=deadline, in_line=False)
+
+    def _refuse(self, change: ObjectChange, exc: _UserError, deadline: float) -> ChangeResult:
+        """The user's mistake, recorded once per edit asked for (a fixed edit is a new job)."""
+        held = self._hold(change, exc.fields, deadline)
+        if isinstance(held, ChangeResult):
+            return held
+        job, holder = held
+        self._finisher.fail(job, holder, stage="validation", code=exc.code, message=str(exc), problems=exc.problems, recipe=exc.recipe)
+        return ChangeResult(Outcome.FAILED, change.key, job.job_id, f"{exc.code}: {exc}")
+
+    def _transient(self, change: ObjectChange, exc: Exception, receive_count: int, deadline: float) -> ChangeResult:
+        """The edit could not be read: retried by SQS; the last delivery leaves a recorded, retryable failure."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if receive_count < self._settings.max_receive_count:
+            logger.warning("transient fault: the message will be retried", extra={"reason": redact(reason), "receive_count": receive_count})
+            raise RetryLater(redact(reason)) from exc
+        held = self._hold(change, None, deadline)
+        if isinstance(held, ChangeResult):
+            return held
+        return self._retry_later(*held, receive_count, reason, code="retries_exhausted", sent=False)
+
+    def _hold(self, change: ObjectChange, edit: dict[str, Any] | None, deadline: float) -> tuple[Job, str] | ChangeResult:
+        """Create the job for this upload and edit, held by us, or take it up again; a :class:`ChangeResult` when it
+        is another's or done.
+
+        The upload's first job has the upload's id. With ``RERUN_ON_TAG_CHANGE``, an edit other than the one that
+        job recorded is a job of its own, whose id names the edit, so the same edit never runs twice.
+        """
+        upload_id = derive_job_id(change.bucket, change.key, change.version_id, change.etag, change.sequencer or change.event_time)
+        mark = edit_mark(edit) if self._settings.rerun_on_tag_change and edit is not None else None
         holder = new_holder()
         # The hold outlives this invocation by a margin: if we die, it lapses before SQS redelivers.
         hold_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + 10_000
-        job = self._jobs.create(
+        job_id = upload_id
+        job = self._create(change, job_id, holder, hold_ms, mark)
+        if job is None and mark is not None:
+            first = self._jobs.get(upload_id)
+            if first is not None and first.edit_mark not in (None, mark):
+                job_id = derive_job_id(
+                    change.bucket, change.key, change.version_id, change.etag, change.sequencer or change.event_time, edit
+                )
+                logger.info("the upload's edit changed: a job of its own", extra={"first_job_id": upload_id})
+                job = self._create(change, job_id, holder, hold_ms, mark, upload_id=upload_id)
+        logger.thread_safe_append_keys(job_id=job_id)
+        if job is None:
+            taken = self._take_over(job_id, change.key, holder, hold_ms)
+            if isinstance(taken, ChangeResult):
+                return taken
+            job = taken
+        return job, holder
+
+    def _create(
+        self, change: ObjectChange, job_id: str, holder: str, hold_ms: int, mark: str | None, upload_id: str | None = None
+    ) -> Job | None:
+        return self._jobs.create(
             job_id=job_id,
             bucket=change.bucket,
             key=change.key,
@@ -206,20 +334,15 @@ class Submitter:
             output_prefix=self._layout.job_prefix(change.key, job_id),
             holder=holder,
             hold_ms=hold_ms,
+            upload_id=upload_id,
+            edit_mark=mark,
         )
-        if job is None:
-            taken = self._take_over(job_id, change.key, holder, hold_ms)
-            if isinstance(taken, ChangeResult):
-                return taken
-            job = taken
-        try:
-            prepared = self._prepare(change)
-        except _UserError as exc:
-            self._finisher.fail(job, holder, stage="validation", code=exc.code, message=str(exc), problems=exc.problems, recipe=exc.recipe)
-            return ChangeResult(Outcome.FAILED, change.key, job_id, f"{exc.code}: {exc}")
-        except Exception as exc:
-            return self._retry_later(job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False)
-        return self._take_turn(job, holder, prepared, receive_count=receive_count, deadline=deadline, in_line=False)
+
+    def _tags_due_later(self, change: ObjectChange) -> None:
+        """Look at the upload again once its tags are due: the same event, marked so it does not wait twice."""
+        if self._send_later is None:
+            raise RuntimeError("UPLOADS_QUEUE_URL is not set: an upload waiting for its tags could not be looked at again")
+        self._send_later(notification([change], tags_due=True), self._settings.tag_wait_seconds)
 
     # -- admission and the line -------------------------------------------------------------
 
@@ -282,6 +405,7 @@ class Submitter:
                 prepared = _Prepared(
                     body=body,
                     content_type=job.content_type or "image/jpeg",
+                    image_json=job.image_json,
                     images=int(body.get("num_images") or 1),
                     recipe_json=job.recipe_json,
                 )
@@ -314,26 +438,38 @@ class Submitter:
         logger.info("duplicate delivery: job already exists", extra={"state": existing.state.value})
         return ChangeResult(Outcome.DUPLICATE, existing.key, job_id, existing.state.value)
 
-    def _prepare(self, change: ObjectChange) -> _Prepared:
-        """Everything that can be checked before anything is sent; raises :class:`_UserError` for the user's mistakes."""
+    def _edit(self, change: ObjectChange, intent: _Intent) -> _Prepared:
+        """The edit asked for (the image not yet looked at); raises :class:`_UserError` for the user's mistakes."""
         if has_dot_segments(change.key):
             raise _UserError("unsupported_key", "the key has '.' or '..' path segments, which URLs cannot carry; rename the upload")
-        fields = self._read_tags(change)
+        tags = self._read_tags(change)
         recipe = self._recipe_for(change)
         described = recipe.describe() if recipe else None
+        # Recipe, then what a backfill was given, then the upload's own tags, field by field; an empty tag
+        # does not erase what comes before it.
+        given = {name: value for name, value in {**intent.fields, **tags}.items() if str(value).strip()}
+        fields = {**(recipe.fields if recipe else {}), **given}
+        if not str(fields.get("prompt", "")).strip():
+            if change.tagged:
+                raise _NoEdit
+            if change.created and not intent.tags_due and self._settings.tag_wait_seconds:
+                raise _AwaitingTags
+        # "match" is ours, not the model's: the allowed ratio nearest the input's, once its size is known.
+        match = str(fields.get("aspect_ratio", "")).strip().lower() == MATCH_INPUT
         try:
             # Validated before touching the image: a bad tag is the commonest mistake and costs nothing to report.
-            # The upload's own tags override its recipe field by field.
-            given = {name: value for name, value in fields.items() if str(value).strip()}  # an empty tag does not erase the recipe
-            model_input = build_model_input({**(recipe.fields if recipe else {}), **given}, self._settings.model_defaults, _s3_uri(change))
+            checked = {name: value for name, value in fields.items() if not (match and name == "aspect_ratio")}
+            model_input = build_model_input(checked, self._settings.model_defaults, _s3_uri(change))
         except InvalidEditRequest as exc:
             where = f"the tags and the recipe {recipe.key}" if recipe else "the tags"
-            raise _UserError("invalid_tags", f"{where} do not describe a valid edit: {exc}", exc.problems, described) from exc
-        content_type = self._check_image(change)
+            raise _UserError("invalid_tags", f"{where} do not describe a valid edit: {exc}", exc.problems, described, fields) from exc
+        body = model_input.to_request_body()
+        if match:
+            body["aspect_ratio"] = MATCH_INPUT
         # With the s3:// address: the presigned URL is a credential, never stored.
         return _Prepared(
-            body=model_input.to_request_body(),
-            content_type=content_type,
+            body=body,
+            content_type="",
             images=model_input.num_images,
             recipe_json=json.dumps(described, sort_keys=True) if described else None,
         )
@@ -351,7 +487,7 @@ class Submitter:
         try:
             key = self._fal.key()
             # Made now, after admission: the URL's life starts when its turn comes, not when it was uploaded.
-            image_url, start_within = self._reachable_image(job, prepared.content_type)
+            image_url, start_within = self._reachable_image(job, prepared)
         except Exception as exc:  # nothing has been sent yet
             self._give_back(job.job_id, admitted)
             reason = f"{type(exc).__name__}: {exc}"
@@ -368,6 +504,7 @@ class Submitter:
                 budget_day=admitted.budget_day,
                 images=admitted.images,
                 recipe_json=prepared.recipe_json,
+                image_json=prepared.image_json,
             )
         except JobConflict:
             # Our hold lapsed: recovery may have handed our slot on, so nothing is sent. The job is taken up
@@ -413,6 +550,7 @@ class Submitter:
             input_json=json.dumps(prepared.body, sort_keys=True),
             content_type=prepared.content_type,
             recipe_json=prepared.recipe_json,
+            image_json=prepared.image_json,
         )
 
     def _give_back(self, job_id: str, admitted: Admitted) -> None:
@@ -520,7 +658,7 @@ class Submitter:
             return current if current and current != "null" else None
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("412", "PreconditionFailed"):
-                if _missing(exc):
+                if missing(exc):
                     return None
                 raise
         listing = self._s3.list_object_versions(Bucket=change.bucket, Prefix=change.key)
@@ -536,7 +674,7 @@ class Submitter:
         try:
             tag_set = self._s3.get_object_tagging(**kwargs)["TagSet"]  # type: ignore[arg-type]
         except ClientError as exc:
-            if _missing(exc):
+            if missing(exc):
                 raise _UserError("input_missing", "the uploaded object no longer exists") from exc
             raise
         tags = {t["Key"]: t["Value"] for t in tag_set}
@@ -549,35 +687,15 @@ class Submitter:
             logger.debug("tags that are not model fields were ignored", extra={"ignored_tags": ignored})
         return fields
 
-    def _check_image(self, change: ObjectChange) -> str:
-        """The image's type, from its first bytes; refuses what is not an image, too large, or deleted since.
-
-        One ranged GET of the key's *current* object answers both "is it still there" (a delete
-        marker hides a deleted upload: 404) and "what is it"; only when the upload was overwritten
-        since does a second GET read the uploaded version itself.
-        """
+    def _with_image(self, job: Job, change: ObjectChange, edit: _Prepared) -> _Prepared:
+        """The edit with what its image needs (see :class:`InputImages`)."""
         try:
-            first = self._s3.get_object(Bucket=change.bucket, Key=change.key, Range="bytes=0-15")
-            if change.version_id and first.get("VersionId") not in (change.version_id, None, "null"):
-                first = self._s3.get_object(Range="bytes=0-15", **_version_args(change))  # type: ignore[arg-type]
-            first_bytes = first["Body"].read()
-        except ClientError as exc:
-            if _missing(exc):
-                raise _UserError("input_missing", "the input was deleted before it could be processed") from exc
-            if exc.response.get("Error", {}).get("Code") == "InvalidRange":  # an empty object
-                raise _UserError("unsupported_object", "the uploaded object is empty") from exc
-            raise
-        size = _object_size(first.get("ContentRange"), first.get("ContentLength", 0))
-        content_type = sniff_image(first_bytes)
-        if content_type is None:
-            raise _UserError("unsupported_object", f"the uploaded object is not a {SUPPORTED} image")
-        if size > self._settings.max_input_bytes:
-            raise _UserError(
-                "unsupported_object", f"the image is {size} bytes; the limit is {self._settings.max_input_bytes} (MAX_INPUT_BYTES)"
-            )
-        return content_type
+            seen = self._images.examine(change, job.output_prefix, edit.body)
+        except RefusedInput as exc:
+            raise _UserError(exc.code, str(exc)) from exc
+        return replace(edit, body=seen.body, content_type=seen.content_type, image_json=seen.image_json)
 
-    def _reachable_image(self, job: Job, content_type: str) -> tuple[str, int | None]:
+    def _reachable_image(self, job: Job, prepared: _Prepared) -> tuple[str, int | None]:
         """A URL fal can fetch the uploaded version from, and how soon fal must start the request to find it valid.
 
         fal's runner fetches the input when the request starts, after any wait in fal's queue; a
@@ -585,7 +703,10 @@ class Submitter:
         within the URL's life, or not at all: a request that could not start is sent again later,
         with a fresh URL. A data URI does not expire.
         """
-        kwargs = {"Bucket": job.bucket, "Key": job.key, **({"VersionId": job.version_id} if job.version_id else {})}
+        content_type, copy = prepared.content_type, prepared.prepared_key
+        kwargs = {"Bucket": job.bucket, "Key": copy} if copy else {"Bucket": job.bucket, "Key": job.key}
+        if job.version_id and not copy:
+            kwargs["VersionId"] = job.version_id
         if self._settings.image_transport == "data-uri":
             data = self._s3.get_object(**kwargs)["Body"].read()  # type: ignore[arg-type]
             return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}", None
@@ -618,26 +739,6 @@ class Submitter:
                 extra={"reason": reason, "receive_count": receive_count, "fal_attempts": attempts},
             )
         raise RetryLater(reason)
-
-
-def _version_args(change: ObjectChange) -> dict[str, str]:
-    kwargs = {"Bucket": change.bucket, "Key": change.key}
-    if change.version_id:
-        kwargs["VersionId"] = change.version_id
-    return kwargs
-
-
-def _object_size(content_range: str | None, content_length: int) -> int:
-    """The whole object's size from a ranged GET's ``Content-Range: bytes 0-15/12345``."""
-    if content_range and "/" in content_range:
-        total = content_range.rsplit("/", 1)[1]
-        if total.isdigit():
-            return int(total)
-    return content_length
-
-
-def _missing(exc: ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchVersion", "404", "NotFound")
 
 
 def _arrival(change: ObjectChange) -> datetime:

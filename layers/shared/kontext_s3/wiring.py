@@ -82,6 +82,16 @@ def slot_freed(settings: Settings) -> DispatchSignal:
     return DispatchSignal(lazy(lambda: boto3.client("sqs", config=aws_config())), settings.uploads_queue_url)
 
 
+def send_later(settings: Settings) -> Callable[[str, int], None]:
+    """Put a body on the uploads queue, delivered after a delay (SQS holds it: nothing sleeps in a function)."""
+    sqs = lazy(lambda: boto3.client("sqs", config=aws_config()))
+
+    def send(body: str, delay_seconds: int) -> None:
+        sqs.send_message(QueueUrl=settings.uploads_queue_url, MessageBody=body, DelaySeconds=min(900, max(0, delay_seconds)))
+
+    return send
+
+
 def job_finisher(settings: Settings, s3: Any, jobs: JobStore, http: httpx.Client | None = None) -> JobFinisher:
     return JobFinisher(
         s3=s3,

@@ -1,0 +1,153 @@
+"""The upload's image as fal will see it: checked against the limits, prepared when it must be, and measured.
+
+From one ranged GET of the first 64 KiB (:mod:`kontext_s3.image_header`): the
+type, the size and the EXIF orientation. That refuses what is not an image,
+too many bytes or pixels, or too small, before anything is sent; writes a
+prepared copy beside the job's outputs when fal should not see the upload as
+stored (:mod:`kontext_s3.input_prep`); and turns ``aspect_ratio=match`` into
+the model's allowed ratio nearest the input's upright size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from kontext_s3.image_header import HEADER_BYTES, ImageHeader, read_header
+from kontext_s3.input_prep import CONVERTED, SUPPORTED, TAKEN, UnreadableImage, changes_needed, prepare
+from kontext_s3.log import logger
+from kontext_s3.model_schema import MATCH_INPUT, nearest_aspect_ratio
+from kontext_s3.s3_events import ObjectChange
+from kontext_s3.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+class RefusedInput(Exception):
+    """The upload cannot be sent as it is, and retrying will not change that (the user's to fix)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class SeenImage:
+    #: The model input, with ``aspect_ratio=match`` resolved.
+    body: dict[str, Any]
+    #: What fal is given: the upload's type, or the prepared copy's.
+    content_type: str
+    #: For the job and the manifest: the input's type, bytes, upright size and orientation, and ``prepared``.
+    image_json: str
+
+
+class InputImages:
+    def __init__(self, s3: S3Client, settings: Settings) -> None:
+        self._s3 = s3
+        self._settings = settings
+
+    def examine(self, change: ObjectChange, output_prefix: str, body: dict[str, Any]) -> SeenImage:
+        header, size = self._header(change)
+        upright = header.upright_size
+        image: dict[str, Any] = {"content_type": header.content_type, "bytes": size, "orientation": header.orientation}
+        if upright:
+            image.update(width=upright[0], height=upright[1])
+        content_type, body = header.content_type, dict(body)
+        if changes_needed(header):
+            prepared = self._prepared_copy(change, output_prefix, header)
+            content_type, upright = prepared["content_type"], (prepared["width"], prepared["height"])
+            # Decoded, the size is exact: a HEIC header gives the coded size, which a crop box may trim.
+            image.update(width=upright[0], height=upright[1], prepared=prepared)
+        if body.get("aspect_ratio") == MATCH_INPUT:
+            if upright is None:
+                raise RefusedInput("unsupported_object", "aspect_ratio=match needs the image's size, which its header does not give")
+            body["aspect_ratio"] = image["aspect_ratio_matched"] = nearest_aspect_ratio(*upright)
+        return SeenImage(body, content_type, json.dumps(image, sort_keys=True))
+
+    def _prepared_copy(self, change: ObjectChange, output_prefix: str, header: ImageHeader) -> dict[str, Any]:
+        """Write the upright / converted copy fal is given, beside the job's outputs."""
+        data = self._s3.get_object(**version_args(change))["Body"].read()  # type: ignore[arg-type]
+        try:
+            prepared = prepare(data, header)
+        except UnreadableImage as exc:
+            raise RefusedInput("unsupported_object", str(exc)) from exc
+        key = f"{output_prefix}input-prepared.{prepared.extension}"
+        self._s3.put_object(Bucket=change.bucket, Key=key, Body=prepared.data, ContentType=prepared.content_type)
+        logger.info("input prepared for fal", extra={"changes": [c["change"] for c in prepared.changes], "prepared_key": key})
+        return {
+            "key": key,
+            "content_type": prepared.content_type,
+            "width": prepared.width,
+            "height": prepared.height,
+            "bytes": len(prepared.data),
+            "changes": prepared.changes,
+        }
+
+    def _header(self, change: ObjectChange) -> tuple[ImageHeader, int]:
+        """The image's header and size; refuses what is not an image, outside the limits, or deleted since.
+
+        One ranged GET of the key's *current* object answers both "is it still there" (a delete
+        marker hides a deleted upload: 404) and "what is it"; only when the upload was overwritten
+        since does a second GET read the uploaded version itself.
+        """
+        first_range = f"bytes=0-{HEADER_BYTES - 1}"
+        try:
+            first = self._s3.get_object(Bucket=change.bucket, Key=change.key, Range=first_range)
+            if change.version_id and first.get("VersionId") not in (change.version_id, None, "null"):
+                first = self._s3.get_object(Range=first_range, **version_args(change))  # type: ignore[arg-type]
+            first_bytes = first["Body"].read()
+        except ClientError as exc:
+            if missing(exc):
+                raise RefusedInput("input_missing", "the input was deleted before it could be processed") from exc
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":  # an empty object
+                raise RefusedInput("unsupported_object", "the uploaded object is empty") from exc
+            raise
+        size = _object_size(first.get("ContentRange"), first.get("ContentLength", 0))
+        header = read_header(first_bytes)
+        if header is None or header.content_type not in TAKEN | CONVERTED:
+            raise RefusedInput("unsupported_object", f"the uploaded object is not a {SUPPORTED} image")
+        self._within_limits(header, size)
+        return header, size
+
+    def _within_limits(self, header: ImageHeader, size: int) -> None:
+        limits = self._settings
+        if size > limits.max_input_bytes:
+            raise RefusedInput("unsupported_object", f"the image is {size} bytes; the limit is {limits.max_input_bytes} (MAX_INPUT_BYTES)")
+        if header.width is None or header.height is None:
+            return  # the size lies beyond the header's bytes (rare): the byte limit still holds
+        pixels = header.width * header.height
+        if pixels > limits.max_input_pixels:
+            raise RefusedInput(
+                "unsupported_object",
+                f"the image is {header.width}x{header.height} = {pixels} pixels; the limit is {limits.max_input_pixels} "
+                "(MAX_INPUT_PIXELS): scale it down and upload it again",
+            )
+        if min(header.width, header.height) < limits.min_input_side:
+            raise RefusedInput(
+                "unsupported_object",
+                f"the image is {header.width}x{header.height}; each side must be at least {limits.min_input_side} pixels (MIN_INPUT_SIDE)",
+            )
+
+
+def version_args(change: ObjectChange) -> dict[str, str]:
+    kwargs = {"Bucket": change.bucket, "Key": change.key}
+    if change.version_id:
+        kwargs["VersionId"] = change.version_id
+    return kwargs
+
+
+def missing(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchVersion", "404", "NotFound")
+
+
+def _object_size(content_range: str | None, content_length: int) -> int:
+    """The whole object's size from a ranged GET's ``Content-Range: bytes 0-65535/12345678``."""
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        if total.isdigit():
+            return int(total)
+    return content_length

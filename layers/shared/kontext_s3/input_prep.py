@@ -1,0 +1,76 @@
+"""Prepared inputs: the upload as fal should see it, when the upload as stored would mislead the model.
+
+Phones store photos sideways with an EXIF orientation that viewers apply and
+fal's runner may not, and cameras store HEIC/HEIF or AVIF, which fal is not
+documented to take. Such an upload gets a prepared copy (turned upright,
+converted to JPEG, or PNG when it has transparency) written beside its
+outputs; fal is given that copy, and the manifest says what changed and why.
+
+Whether an upload needs this is decided from its header alone
+(:mod:`kontext_s3.image_header`); Pillow, and pillow-heif for HEIC/HEIF, are
+imported only when one does, so the common path's cold start never pays for them.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from kontext_s3.image_header import ImageHeader
+
+#: What fal takes as it is; everything else in :data:`CONVERTED` is converted.
+TAKEN = {"image/jpeg", "image/png", "image/webp", "image/gif"}
+CONVERTED = {"image/heic", "image/heif", "image/avif"}
+SUPPORTED = "JPEG, PNG, WebP, GIF, HEIC/HEIF or AVIF"
+_NAMES = {"image/heic": "HEIC", "image/heif": "HEIF", "image/avif": "AVIF"}
+
+
+class UnreadableImage(ValueError):
+    """The bytes claim an image format but do not decode as one."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    data: bytes
+    content_type: str
+    extension: str
+    width: int
+    height: int
+    changes: list[dict[str, str]]
+
+
+def changes_needed(header: ImageHeader) -> list[dict[str, str]]:
+    """What must change before fal sees the upload (``[]`` for nearly every upload), each with its reason."""
+    changes = []
+    if header.content_type in CONVERTED:
+        name = _NAMES[header.content_type]
+        changes.append({"change": "converted", "why": f"{name} is not among the formats fal takes (JPEG, PNG, WebP, GIF)"})
+    if header.orientation != 1:
+        changes.append({"change": "turned upright", "why": f"EXIF orientation {header.orientation}: viewers turn it, the model would not"})
+    return changes
+
+
+def prepare(data: bytes, header: ImageHeader) -> Prepared:
+    """Decode, turn upright and re-encode (JPEG, or PNG when transparent); raises :class:`UnreadableImage`."""
+    from PIL import Image, ImageOps  # noqa: PLC0415 - only for the uploads that need it
+
+    if header.content_type in ("image/heic", "image/heif"):
+        import pillow_heif  # noqa: PLC0415 - only for HEIC/HEIF uploads
+
+        pillow_heif.register_heif_opener()
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image: Any = ImageOps.exif_transpose(opened)  # applies the orientation and drops the tag
+            transparent = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+            out = io.BytesIO()
+            if transparent:
+                image.convert("RGBA").save(out, "PNG", optimize=False)
+                content_type, extension = "image/png", "png"
+            else:
+                image.convert("RGB").save(out, "JPEG", quality=95, subsampling=0)
+                content_type, extension = "image/jpeg", "jpg"
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's ways of saying "not a valid image"
+        raise UnreadableImage(f"the {header.content_type} image could not be decoded: {exc}") from exc
+    return Prepared(out.getvalue(), content_type, extension, width, height, changes_needed(header))
