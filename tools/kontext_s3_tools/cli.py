@@ -41,13 +41,16 @@ from pydantic import ValidationError
 
 from kontext_s3.admission import Wait
 from kontext_s3.dynamo import Table
-from kontext_s3.image_types import SNIFF_BYTES, SUPPORTED, sniff_image
+from kontext_s3.image_header import read_header
+from kontext_s3.input_prep import CONVERTED, SUPPORTED, TAKEN
 from kontext_s3.job_id import derive_job_id
 from kontext_s3.jobs import Job, JobState, JobStore, iso
-from kontext_s3.model_schema import OPTIONAL_TAG_FIELDS, KontextMaxInput, describe_validation_error
+from kontext_s3.model_schema import MATCH_INPUT, OPTIONAL_TAG_FIELDS, KontextMaxInput, describe_validation_error
 from kontext_s3.output_store import OutputLayout, has_dot_segments
 from kontext_s3.recipes import RECIPE_FILE, InvalidRecipe, parse_recipe, recipe_keys
 from kontext_s3.tag_codec import TagEncodingError, encode_tags, tagging_header
+from kontext_s3_tools.backfill import backfill
+from kontext_s3_tools.dead_letters import failure_reasons, list_dead_letters, redrive
 from kontext_s3_tools.gallery import GalleryError, write_gallery
 
 EXIT_USAGE = 2
@@ -75,6 +78,9 @@ class Target:
     region: str | None = None
     #: Explicit credentials (the local stack's administrator); None: boto3's usual chain.
     credentials: Credentials | None = None
+    #: The uploads queue and its dead-letter queue (backfill and dlq need them).
+    queue_url: str | None = None
+    dlq_url: str | None = None
 
     @property
     def layout(self) -> OutputLayout:
@@ -122,7 +128,9 @@ class Result:
 def validate_fields(fields: dict[str, Any], *, prompt_required: bool = True) -> dict[str, Any]:
     """The same check the submit function makes, before anything is uploaded."""
     try:
-        KontextMaxInput.model_validate({"prompt": "-", **fields, "image_url": "s3://placeholder"})
+        # aspect_ratio "match" is resolved by the submit function from the image's size.
+        checked = {k: v for k, v in fields.items() if not (k == "aspect_ratio" and str(v).lower() == MATCH_INPUT)}
+        KontextMaxInput.model_validate({"prompt": "-", **checked, "image_url": "s3://placeholder"})
     except ValidationError as exc:
         problems = describe_validation_error(exc, fields)
         raise CliError("error: " + "; ".join(p.sentence() for p in problems), EXIT_USAGE) from exc
@@ -145,7 +153,8 @@ def read_image(path: Path) -> tuple[bytes, str]:
         raise CliError(f"error: no such file: {path}", EXIT_USAGE) from None
     except OSError as exc:
         raise CliError(f"error: cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
-    content_type = sniff_image(data[:SNIFF_BYTES])
+    header = read_header(data)
+    content_type = header.content_type if header and header.content_type in TAKEN | CONVERTED else None
     if content_type is None:
         raise CliError(f"error: {path} is not a {SUPPORTED} image (judged by its content, not its name)", EXIT_USAGE)
     return data, content_type
@@ -173,7 +182,7 @@ def upload_bytes(
     key = key or f"{target.input_prefix}{name}"
     if not key.startswith(target.input_prefix):
         raise CliError(f"error: the key must start with the input prefix {target.input_prefix!r}", EXIT_USAGE)
-    content_type = content_type or sniff_image(data[:SNIFF_BYTES]) or "application/octet-stream"
+    content_type = content_type or ((header := read_header(data)) and header.content_type) or "application/octet-stream"
     extra = {"Tagging": tagging_header(tags)} if tags else {}
     answer = target.client("s3").put_object(Bucket=target.bucket, Key=key, Body=data, ContentType=content_type, **extra)
     version_id = answer.get("VersionId")
@@ -183,8 +192,15 @@ def upload_bytes(
             f"error: s3://{target.bucket} is not versioned, so this upload cannot be followed from here; "
             "look under the output prefix for its results"
         )
+    # The upload's first job has the upload's own id; a later edit of its tags is a job of its own.
     job_id = derive_job_id(target.bucket, key, version_id, etag)
     return Uploaded(key=key, version_id=version_id, job_id=job_id, output_prefix=target.layout.job_prefix(key, job_id))
+
+
+def latest_job(jobs: JobStore, upload_id: str) -> Job | None:
+    """The upload's newest job (each change of its edit tags is a job of its own)."""
+    found = jobs.jobs_of_upload(upload_id)
+    return found[-1] if found else None
 
 
 def read_result(target: Target, job_id: str, output_prefix: str) -> Result | None:
@@ -347,7 +363,12 @@ def _edit_options(parser: argparse.ArgumentParser, *, prompt_required: bool) -> 
     group.add_argument("--num-images", dest="num_images", type=int, help="1 to 4 (model default 1); each image is billed")
     group.add_argument("--output-format", dest="output_format", choices=["jpeg", "png"])
     group.add_argument("--safety-tolerance", dest="safety_tolerance", choices=[str(n) for n in range(1, 7)], help="1 strict to 6 lax")
-    group.add_argument("--aspect-ratio", dest="aspect_ratio", choices=["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21"])
+    group.add_argument(
+        "--aspect-ratio",
+        dest="aspect_ratio",
+        choices=["21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21", MATCH_INPUT],
+        help="or 'match': the allowed ratio nearest the input image's",
+    )
     group.add_argument("--enhance-prompt", dest="enhance_prompt", action=argparse.BooleanOptionalAction, default=None)
     group.add_argument("--sync-mode", dest="sync_mode", action=argparse.BooleanOptionalAction, default=None)
 
@@ -376,7 +397,7 @@ def _parser() -> argparse.ArgumentParser:
 
     upload = command(
         "upload",
-        "upload an image with its edit in the object's tags (JPEG, PNG, WebP or GIF)",
+        f"upload an image with its edit in the object's tags ({SUPPORTED})",
         "kontext-s3 upload kitchen.jpg --prompt 'Put a donut next to the flour.' --wait --download results/",
     )
     upload.add_argument("image", type=Path)
@@ -425,6 +446,29 @@ def _parser() -> argparse.ArgumentParser:
         default="copy",
         help="copy the images beside the page (default), or link them by presigned URLs valid one hour",
     )
+
+    backfill = command(
+        "backfill",
+        "start jobs for the images already under a prefix (each object once: a second run starts nothing)",
+        "kontext-s3 backfill catalogue/ --prompt 'Remove the background'",
+    )
+    backfill.add_argument("prefix", nargs="?", default="", help="inside the input prefix, such as catalogue/ (default: all of it)")
+    _edit_options(backfill, prompt_required=False)
+
+    dlq = command("dlq", "the uploads that ended in the dead-letter queue", "kontext-s3 dlq list")
+    dlq_actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    command(
+        "list", "each dead message: its key, how often it was received, and the error record's reason", "kontext-s3 dlq list", dlq_actions
+    )
+    redrive = command(
+        "redrive",
+        "move dead messages back to the uploads queue (an upload whose job already ended is not paid again)",
+        "kontext-s3 dlq redrive --key inputs/catalogue/shoe.jpg",
+        dlq_actions,
+    )
+    which = redrive.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key", help="the input key whose messages move back")
+    which.add_argument("--all", dest="everything", action="store_true", help="every message in the dead-letter queue")
 
     tags = command(
         "tags",
@@ -500,8 +544,9 @@ def _target(args: argparse.Namespace) -> Target:
     credentials = None
     if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
         credentials = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("AWS_SESSION_TOKEN"))
+    queue_url, dlq_url = env.get("KONTEXT_S3_QUEUE_URL"), env.get("KONTEXT_S3_DLQ_URL")
     stack = getattr(args, "stack", None) or env.get("KONTEXT_S3_STACK")
-    if stack and not (bucket and table):
+    if stack and not (bucket and table and queue_url and dlq_url):
         try:
             described = boto3.client("cloudformation", endpoint_url=endpoint, region_name=region).describe_stacks(StackName=stack)
         except ClientError as exc:
@@ -513,6 +558,8 @@ def _target(args: argparse.Namespace) -> Target:
         table = table or outputs.get("JobsTableName")
         input_prefix = outputs.get("InputPrefix", input_prefix)
         output_prefix = outputs.get("OutputPrefix", output_prefix)
+        queue_url = queue_url or outputs.get("UploadsQueueUrl")
+        dlq_url = dlq_url or outputs.get("DeadLetterQueueUrl")
     if not bucket:
         raise CliError(
             "error: no bucket: pass --stack (the deployed stack's name) or --bucket, set KONTEXT_S3_BUCKET, "
@@ -527,6 +574,8 @@ def _target(args: argparse.Namespace) -> Target:
         endpoint_url=endpoint,
         region=region,
         credentials=credentials,
+        queue_url=queue_url,
+        dlq_url=dlq_url,
     )
 
 
@@ -585,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tags":
             print(tagging_header(encode_tags(validate_fields(_fields_from(args)))))
             return 0
+        if args.command == "backfill" and _fields_from(args):
+            validate_fields(_fields_from(args), prompt_required=False)
         if args.command == "upload":
             # The file is checked before anything about AWS, so a typo costs no round trip.
             read_image(args.image)
@@ -597,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
             return _upload(target, args)
         if args.command == "recipe":
             return _recipe(target, args)
+        if args.command == "backfill":
+            return _backfill(target, args)
+        if args.command == "dlq":
+            return _dlq(target, args)
         if args.command == "gallery":
             try:
                 index = write_gallery(target, args.out, prefix=args.prefix, images=args.images)
@@ -651,6 +706,54 @@ def _upload(target: Target, args: argparse.Namespace) -> int:
     return 0
 
 
+def _queues(target: Target) -> tuple[str, str]:
+    if not target.queue_url or not target.dlq_url:
+        raise CliError(
+            "error: the uploads queue is not known: pass --stack, set KONTEXT_S3_QUEUE_URL and KONTEXT_S3_DLQ_URL, or use make stack",
+            EXIT_USAGE,
+        )
+    return target.queue_url, target.dlq_url
+
+
+def _backfill(target: Target, args: argparse.Namespace) -> int:
+    queue_url, _ = _queues(target)
+    prefix = args.prefix if args.prefix.startswith(target.input_prefix) else target.input_prefix + args.prefix.lstrip("/")
+    fields = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in _fields_from(args).items()}
+    with _line_progress(True) as show:
+        report = backfill(
+            s3=target.client("s3"),
+            sqs=target.client("sqs"),
+            queue_url=queue_url,
+            bucket=target.bucket,
+            prefix=prefix,
+            fields=fields,
+            jobs=target.jobs(),
+            progress=lambda r: show(f"s3://{target.bucket}/{prefix}: {r.line()}"),
+        )
+    print(f"backfill of s3://{target.bucket}/{prefix}: {report.line()}")
+    if report.queued:
+        print("the submit function takes them in turn (admission and the daily budget apply); follow one with kontext-s3 status KEY")
+    return 0
+
+
+def _dlq(target: Target, args: argparse.Namespace) -> int:
+    queue_url, dlq_url = _queues(target)
+    sqs = target.client("sqs")
+    if args.action == "list":
+        letters = list_dead_letters(sqs, dlq_url, failure_reasons(target.client("s3"), target.layout, target.jobs()))
+        for letter in letters:
+            what = ", ".join(letter.keys) or letter.note or "?"
+            when = letter.sent_at.strftime("%Y-%m-%d %H:%M:%S UTC") if letter.sent_at else "?"
+            print(f"{what}\treceived {letter.receive_count}x\tsent {when}\t{letter.reason or 'no error record'}")
+        print(f"{len(letters)} message(s) in the dead-letter queue")
+        return 0
+    moved = redrive(sqs, dlq_url, queue_url, key=args.key, everything=args.everything)
+    for letter in moved:
+        print(f"moved back: {', '.join(letter.keys) or letter.note}")
+    print(f"{len(moved)} message(s) moved back to the uploads queue")
+    return 0 if moved or args.everything else EXIT_FAILED
+
+
 def _recipe(target: Target, args: argparse.Namespace) -> int:
     if args.action == "put":
         key, version_id = put_recipe(target, args.prefix, _fields_from(args))
@@ -682,7 +785,7 @@ def _status(target: Target, args: argparse.Namespace) -> int:
         if not version_id or version_id == "null":
             raise CliError(f"error: s3://{target.bucket}/{value} has no version id (an unversioned bucket?); give the job id instead")
         job_id = derive_job_id(target.bucket, value, version_id)
-    job = jobs.get(job_id)
+    job = latest_job(jobs, job_id)  # a job id names its own job; an upload's id, all of its jobs
     if job is None:
         raise CliError(f"error: no job {job_id} (not uploaded under the input prefix, not processed yet, or expired)")
     print(f"job      {job.job_id}")
