@@ -67,7 +67,8 @@ def running_stack(receiver: NotificationReceiver) -> Iterator[LocalStack]:
         max_receive_count=3,
         submit_timeout_seconds=8.0,
         # NotifyUrl is https-only in the template; the local stack's relay takes the local receiver as it is.
-        parameters={"SubmitMaxConcurrency": "2", "NotifyUrl": receiver.url},
+        # TagWaitSeconds: long enough to tag an upload 30 s after it, short enough to see the error record after.
+        parameters={"SubmitMaxConcurrency": "2", "NotifyUrl": receiver.url, "TagWaitSeconds": "40"},
         # fal retries a webhook for a long while; here 8 attempts from 0.1 s, doubling (about 25 s in all), so a
         # delivery refused with 409 while a concurrent one finishes the job lands on a slow machine too.
         webhook_attempts=8,
