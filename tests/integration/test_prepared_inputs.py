@@ -138,3 +138,19 @@ def test_the_common_path_does_not_import_pillow() -> None:
         [sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True, env={"PYTHONPATH": str(LAYER)}
     )
     assert json.loads(out.stdout) == []
+
+
+def test_a_size_hidden_past_the_header_is_still_held_to_the_pixel_limit_before_decoding(world: World) -> None:
+    # EXIF orientation first, then a comment that pushes the frame header past the 64 KiB the header reader sees:
+    # the image must be prepared, and only the decoder can tell its size.
+    image = Image.new("RGB", (200, 100), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    image.save(out, "JPEG", exif=exif.tobytes(), comment=b"x" * 65_000)
+    submit = world.submit(MAX_INPUT_PIXELS="10000")
+    version = world.upload("inputs/hidden.jpg", body=out.getvalue())
+    assert world.deliver(submit, world.upload_event()) == []  # refused, not retried towards the DLQ
+    job = world.job("inputs/hidden.jpg", version)
+    assert job.error_code == "unsupported_object" and "200x100 = 20000 pixels; the limit is 10000" in str(job.error_message)
+    assert world.posts() == 0

@@ -18,6 +18,7 @@ import pytest
 
 from kontext_s3.job_id import derive_job_id
 from kontext_s3.jobs import JobState, JobStore
+from kontext_s3.s3_events import notification, parse_notification
 from kontext_s3.tag_codec import encode_tags, tagging_header
 from kontext_s3_tools.emulator import FalEmulator
 from kontext_s3_tools.local_stack import SqsPoller
@@ -227,6 +228,30 @@ def test_an_uploads_own_tags_seen_again_as_a_tagging_event_start_nothing(aws: Aw
     tagged_later(aws, "inputs/echo.jpg", {"prompt": "once", "seed": 4})  # a tool writing the same tags again
     assert deliver_all(aws, submit) == 1
     assert len(emulator.submits()) == 1
+
+
+def test_a_repeat_of_the_upload_event_asking_another_edit_is_a_duplicate_not_a_rerun(
+    aws: Aws, emulator: FalEmulator, submit: ModuleType
+) -> None:
+    # A backfill (or a redelivery after a default changed) about an upload that already ran: only new tags re-run.
+    upload(aws, "inputs/ran.jpg", {"prompt": "make it blue"})
+    [message] = aws.upload_events(1)
+    assert invoke_sqs(submit, [message], aws.resources.queue_arn) == {"batchItemFailures": []}
+    [change] = parse_notification(message["Body"])
+    again = dict(message, MessageId="backfill", Body=notification([change], backfill=True, fields={"output_format": "png"}))
+    assert invoke_sqs(submit, [again], aws.resources.queue_arn) == {"batchItemFailures": []}
+    assert len(emulator.submits()) == 1
+
+
+def test_invalid_tags_then_fixed_tags_run_the_fixed_edit(aws: Aws, emulator: FalEmulator, submit: ModuleType) -> None:
+    version = upload(aws, "inputs/fixed.jpg", {"prompt": "brighter", "guidance_scale": 25})
+    deliver_all(aws, submit)
+    tagged_later(aws, "inputs/fixed.jpg", {"prompt": "brighter", "guidance_scale": 5})
+    deliver_all(aws, submit)
+    [sent] = emulator.submits()
+    assert sent["body"]["guidance_scale"] == 5
+    jobs = JobStore(aws.table()).jobs_of_upload(derive_job_id(aws.resources.bucket, "inputs/fixed.jpg", version))
+    assert [(job.state, job.error_code) for job in jobs] == [(JobState.FAILED, "invalid_tags"), (JobState.SUBMITTED, None)]
 
 
 def test_with_reruns_off_changed_tags_start_nothing(

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from kontext_s3.job_id import derive_job_id
 from kontext_s3.jobs import JobStore
 from kontext_s3.recipes import is_recipe
 from kontext_s3.s3_events import ObjectChange, notification
+
+
+class BackfillError(RuntimeError):
+    """The uploads queue refused some messages; what was queued before stays queued."""
 
 
 @dataclass
@@ -70,16 +75,19 @@ def backfill(
 ) -> BackfillReport:
     report = BackfillReport()
     batch: list[ObjectChange] = []
+    # The recipe standing now applies, not the one at each object's upload: it may be written for the backfill.
+    now = datetime.now(UTC).isoformat()
 
     def send() -> None:
         if not batch:
             return
-        entries = [{"Id": str(i), "MessageBody": notification([change], backfill=True, fields=fields)} for i, change in enumerate(batch)]
+        body = {"backfill": True, "fields": fields, "recipe_at": now}
+        entries = [{"Id": str(i), "MessageBody": notification([change], **body)} for i, change in enumerate(batch)]
         answer = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+        report.queued += len(answer.get("Successful", []))
         if answer.get("Failed"):
             failed = ", ".join(f"{batch[int(f['Id'])].key}: {f.get('Message', f.get('Code'))}" for f in answer["Failed"])
-            raise RuntimeError(f"the uploads queue refused some messages ({failed}); run backfill again to queue them")
-        report.queued += len(batch)
+            raise BackfillError(f"the uploads queue refused some messages ({failed}); {report.line()}; run backfill again")
         batch.clear()
         progress(report)
 

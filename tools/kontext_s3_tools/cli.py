@@ -49,7 +49,7 @@ from kontext_s3.model_schema import MATCH_INPUT, OPTIONAL_TAG_FIELDS, KontextMax
 from kontext_s3.output_store import OutputLayout, has_dot_segments
 from kontext_s3.recipes import RECIPE_FILE, InvalidRecipe, parse_recipe, recipe_keys
 from kontext_s3.tag_codec import TagEncodingError, encode_tags, tagging_header
-from kontext_s3_tools.backfill import backfill
+from kontext_s3_tools.backfill import BackfillError, backfill
 from kontext_s3_tools.dead_letters import failure_reasons, list_dead_letters, redrive
 from kontext_s3_tools.gallery import GalleryError, write_gallery
 
@@ -706,30 +706,30 @@ def _upload(target: Target, args: argparse.Namespace) -> int:
     return 0
 
 
-def _queues(target: Target) -> tuple[str, str]:
-    if not target.queue_url or not target.dlq_url:
-        raise CliError(
-            "error: the uploads queue is not known: pass --stack, set KONTEXT_S3_QUEUE_URL and KONTEXT_S3_DLQ_URL, or use make stack",
-            EXIT_USAGE,
-        )
-    return target.queue_url, target.dlq_url
+def _queue(url: str | None, which: str, variable: str) -> str:
+    if not url:
+        raise CliError(f"error: the {which} is not known: pass --stack, set {variable}, or use make stack", EXIT_USAGE)
+    return url
 
 
 def _backfill(target: Target, args: argparse.Namespace) -> int:
-    queue_url, _ = _queues(target)
+    queue_url = _queue(target.queue_url, "uploads queue", "KONTEXT_S3_QUEUE_URL")
     prefix = args.prefix if args.prefix.startswith(target.input_prefix) else target.input_prefix + args.prefix.lstrip("/")
     fields = {name: str(value).lower() if isinstance(value, bool) else str(value) for name, value in _fields_from(args).items()}
     with _line_progress(True) as show:
-        report = backfill(
-            s3=target.client("s3"),
-            sqs=target.client("sqs"),
-            queue_url=queue_url,
-            bucket=target.bucket,
-            prefix=prefix,
-            fields=fields,
-            jobs=target.jobs(),
-            progress=lambda r: show(f"s3://{target.bucket}/{prefix}: {r.line()}"),
-        )
+        try:
+            report = backfill(
+                s3=target.client("s3"),
+                sqs=target.client("sqs"),
+                queue_url=queue_url,
+                bucket=target.bucket,
+                prefix=prefix,
+                fields=fields,
+                jobs=target.jobs(),
+                progress=lambda r: show(f"s3://{target.bucket}/{prefix}: {r.line()}"),
+            )
+        except BackfillError as exc:
+            raise CliError(f"error: {exc}") from None
     print(f"backfill of s3://{target.bucket}/{prefix}: {report.line()}")
     if report.queued:
         print("the submit function takes them in turn (admission and the daily budget apply); follow one with kontext-s3 status KEY")
@@ -737,16 +737,18 @@ def _backfill(target: Target, args: argparse.Namespace) -> int:
 
 
 def _dlq(target: Target, args: argparse.Namespace) -> int:
-    queue_url, dlq_url = _queues(target)
+    dlq_url = _queue(target.dlq_url, "dead-letter queue", "KONTEXT_S3_DLQ_URL")
     sqs = target.client("sqs")
     if args.action == "list":
         letters = list_dead_letters(sqs, dlq_url, failure_reasons(target.client("s3"), target.layout, target.jobs()))
         for letter in letters:
             what = ", ".join(letter.keys) or letter.note or "?"
             when = letter.sent_at.strftime("%Y-%m-%d %H:%M:%S UTC") if letter.sent_at else "?"
-            print(f"{what}\treceived {letter.receive_count}x\tsent {when}\t{letter.reason or 'no error record'}")
+            # SQS counts every receive, this listing's too.
+            print(f"{what}\treceived {letter.receive_count}x (this listing included)\tsent {when}\t{letter.reason or 'no error record'}")
         print(f"{len(letters)} message(s) in the dead-letter queue")
         return 0
+    queue_url = _queue(target.queue_url, "uploads queue", "KONTEXT_S3_QUEUE_URL")
     moved = redrive(sqs, dlq_url, queue_url, key=args.key, everything=args.everything)
     for letter in moved:
         print(f"moved back: {', '.join(letter.keys) or letter.note}")

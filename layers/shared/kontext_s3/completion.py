@@ -340,7 +340,9 @@ class JobFinisher:
     def _remove_outputs(self, job: Job) -> None:
         """Remove what an earlier holder of this job may have left (images, manifest), before writing ours."""
         listing = self.s3.list_objects_v2(Bucket=job.bucket, Prefix=job.output_prefix)
-        stale = [item["Key"] for item in listing.get("Contents", []) if item["Key"].rsplit("/", 1)[-1] != "error.json"]
+        # The prepared input is the submit function's, and what the manifest points at: it stays.
+        kept = ("error.json", "input-prepared.")
+        stale = [item["Key"] for item in listing.get("Contents", []) if not item["Key"].rsplit("/", 1)[-1].startswith(kept)]
         for key in stale:
             self.s3.delete_object(Bucket=job.bucket, Key=key)
         if stale:

@@ -72,7 +72,7 @@ class InputImages:
         """Write the upright / converted copy fal is given, beside the job's outputs."""
         data = self._s3.get_object(**version_args(change))["Body"].read()  # type: ignore[arg-type]
         try:
-            prepared = prepare(data, header)
+            prepared = prepare(data, header, max_pixels=self._settings.max_input_pixels)
         except UnreadableImage as exc:
             raise RefusedInput("unsupported_object", str(exc)) from exc
         key = f"{output_prefix}input-prepared.{prepared.extension}"

@@ -14,6 +14,7 @@ imported only when one does, so the common path's cold start never pays for them
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,26 +52,40 @@ def changes_needed(header: ImageHeader) -> list[dict[str, str]]:
     return changes
 
 
-def prepare(data: bytes, header: ImageHeader) -> Prepared:
-    """Decode, turn upright and re-encode (JPEG, or PNG when transparent); raises :class:`UnreadableImage`."""
+#: One image decoded at a time per execution environment: a decoded photo is width x height x 3-4 bytes, more
+#: than once while it is turned, and a batch's records run on ten threads of one 512 MB function.
+_ONE_AT_A_TIME = threading.Lock()
+
+
+def prepare(data: bytes, header: ImageHeader, *, max_pixels: int) -> Prepared:
+    """Decode, turn upright and re-encode (JPEG, or PNG when transparent); raises :class:`UnreadableImage`.
+
+    ``max_pixels`` is checked again on the decoder's own reading of the size, before any pixel is decoded:
+    the header reader may not have found the size in the bytes it was given.
+    """
     from PIL import Image, ImageOps  # noqa: PLC0415 - only for the uploads that need it
 
     if header.content_type in ("image/heic", "image/heif"):
         import pillow_heif  # noqa: PLC0415 - only for HEIC/HEIF uploads
 
         pillow_heif.register_heif_opener()
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            image: Any = ImageOps.exif_transpose(opened)  # applies the orientation and drops the tag
-            transparent = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-            out = io.BytesIO()
-            if transparent:
-                image.convert("RGBA").save(out, "PNG", optimize=False)
-                content_type, extension = "image/png", "png"
-            else:
-                image.convert("RGB").save(out, "JPEG", quality=95, subsampling=0)
-                content_type, extension = "image/jpeg", "jpg"
-            width, height = image.size
-    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's ways of saying "not a valid image"
-        raise UnreadableImage(f"the {header.content_type} image could not be decoded: {exc}") from exc
+    with _ONE_AT_A_TIME:
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                if opened.width * opened.height > max_pixels:
+                    raise UnreadableImage(
+                        f"the image is {opened.width}x{opened.height} = {opened.width * opened.height} pixels; "
+                        f"the limit is {max_pixels} (MAX_INPUT_PIXELS)"
+                    )
+                image: Any = ImageOps.exif_transpose(opened)  # applies the orientation and drops the tag
+                transparent = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+                out = io.BytesIO()
+                mode, fmt, options = ("RGBA", "PNG", {}) if transparent else ("RGB", "JPEG", {"quality": 95, "subsampling": 0})
+                (image if image.mode == mode else image.convert(mode)).save(out, fmt, **options)
+                width, height = image.size
+        except Image.DecompressionBombError as exc:
+            raise UnreadableImage(f"the image is too large to decode safely: {exc}") from exc
+        except (OSError, ValueError, SyntaxError) as exc:  # Pillow's ways of saying "not a valid image"
+            raise UnreadableImage(f"the {header.content_type} image could not be decoded: {exc}") from exc
+    content_type, extension = ("image/png", "png") if transparent else ("image/jpeg", "jpg")
     return Prepared(out.getvalue(), content_type, extension, width, height, changes_needed(header))

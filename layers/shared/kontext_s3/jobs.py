@@ -298,7 +298,7 @@ class JobStore:
         if upload_id is not None and upload_id != job_id:
             self._table.update_item(
                 Key={"job_id": f"{UPLOAD_PREFIX}{upload_id}"},
-                UpdateExpression="ADD job_ids :ids SET expires_at = if_not_exists(expires_at, :expires)",
+                UpdateExpression="ADD job_ids :ids SET expires_at = :expires",  # lives as long as its newest job
                 ExpressionAttributeValues={":ids": {job_id}, ":expires": at // 1000 + self._ttl_seconds},
             )
         writer = new_holder()

@@ -313,9 +313,13 @@ class Cancellation:
     def input_removed(self, change: ObjectChange, *, deadline: float) -> list[str]:
         """Cancel the open jobs of the removed object; returns the ids of jobs cancelled."""
         cancelled = []
-        for version in self._removed_versions(change):
-            job = self._jobs.get(derive_job_id(change.bucket, change.key, version))
-            if job is None or job.state not in AT_FAL or not job.cancel_url:
+        jobs = [
+            job
+            for version in self._removed_versions(change)
+            for job in self._jobs.jobs_of_upload(derive_job_id(change.bucket, change.key, version))
+        ]
+        for job in jobs:  # each version's first job and its re-runs after changed tags
+            if job.state not in AT_FAL or not job.cancel_url:
                 continue
             claim = self._finisher.claim(job.job_id, deadline=deadline)
             if claim is None:

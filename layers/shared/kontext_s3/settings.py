@@ -42,7 +42,7 @@ class Settings(BaseModel):
     presign_expiry_seconds: int = Field(default=3600, ge=60, le=604800, alias="PRESIGN_EXPIRY_SECONDS")
     max_input_bytes: int = Field(default=50 * 1024 * 1024, gt=0, alias="MAX_INPUT_BYTES")
     #: Refused before any submit: more pixels than this (read from the header), or a side shorter than that.
-    max_input_pixels: int = Field(default=40_000_000, gt=0, alias="MAX_INPUT_PIXELS")
+    max_input_pixels: int = Field(default=25_000_000, gt=0, alias="MAX_INPUT_PIXELS")
     min_input_side: int = Field(default=32, ge=1, alias="MIN_INPUT_SIDE")
     max_receive_count: int = Field(default=5, ge=1, alias="MAX_RECEIVE_COUNT")
     #: Admission (see ``admission``): requests kept open at fal, and images a UTC day may cost; 0 is no limit.

@@ -119,12 +119,15 @@ class _Intent:
     tags_due: bool = False
     #: Edit fields a backfill was given, below the object's own tags.
     fields: dict[str, str] = field(default_factory=dict)
+    #: When a backfill ran: the recipe that stood then applies (it may have been written for the backfill).
+    recipe_at: datetime | None = None
 
     @classmethod
     def of(cls, marks: dict[str, Any]) -> _Intent:
         given = marks.get("fields")
         fields = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else {}
-        return cls(tags_due=bool(marks.get("tags_due") or marks.get("backfill")), fields=fields)
+        recipe_at = _arrival_at(str(marks["recipe_at"])) if marks.get("recipe_at") else None
+        return cls(tags_due=bool(marks.get("tags_due") or marks.get("backfill")), fields=fields, recipe_at=recipe_at)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ class _Prepared:
     recipe_json: str | None = None
     #: The input image as found (size, orientation) and what preparing it changed (JSON), or None.
     image_json: str | None = None
+    #: The edit as asked (recipe, backfill fields, tags; no deployment defaults): what tells one edit from another.
+    fields: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prepared_key(self) -> str | None:
@@ -257,7 +262,7 @@ class Submitter:
             return self._refuse(change, exc, deadline)
         except Exception as exc:
             return self._transient(change, exc, receive_count, deadline)
-        held = self._hold(change, edit.body, deadline)
+        held = self._hold(change, edit.fields, deadline)
         if isinstance(held, ChangeResult):
             return held
         job, holder = held
@@ -282,7 +287,8 @@ class Submitter:
     def _transient(self, change: ObjectChange, exc: Exception, receive_count: int, deadline: float) -> ChangeResult:
         """The edit could not be read: retried by SQS; the last delivery leaves a recorded, retryable failure."""
         reason = f"{type(exc).__name__}: {exc}"
-        if receive_count < self._settings.max_receive_count:
+        # A tag event whose edit could not be read names no job of its own: its message goes to the DLQ.
+        if receive_count < self._settings.max_receive_count or change.tagged:
             logger.warning("transient fault: the message will be retried", extra={"reason": redact(reason), "receive_count": receive_count})
             raise RetryLater(redact(reason)) from exc
         held = self._hold(change, None, deadline)
@@ -307,6 +313,11 @@ class Submitter:
         if job is None and mark is not None:
             first = self._jobs.get(upload_id)
             if first is not None and first.edit_mark not in (None, mark):
+                if not change.tagged:
+                    # A repeat of the upload's own event (a redelivery, a backfill, a tag deadline) asking for another
+                    # edit than the one that ran (a recipe or a default changed since): only new tags start a re-run.
+                    logger.info("duplicate delivery: the upload's job ran another edit", extra={"first_job_id": upload_id})
+                    return ChangeResult(Outcome.DUPLICATE, change.key, upload_id, "the upload's job exists")
                 job_id = derive_job_id(
                     change.bucket, change.key, change.version_id, change.etag, change.sequencer or change.event_time, edit
                 )
@@ -443,7 +454,11 @@ class Submitter:
         if has_dot_segments(change.key):
             raise _UserError("unsupported_key", "the key has '.' or '..' path segments, which URLs cannot carry; rename the upload")
         tags = self._read_tags(change)
-        recipe = self._recipe_for(change)
+        try:
+            recipe = self._recipe_for(change, intent)
+        except _UserError as exc:
+            exc.fields = {**intent.fields, **tags}  # the edit asked for, so a fixed recipe is a new edit
+            raise
         described = recipe.describe() if recipe else None
         # Recipe, then what a backfill was given, then the upload's own tags, field by field; an empty tag
         # does not erase what comes before it.
@@ -472,11 +487,13 @@ class Submitter:
             content_type="",
             images=model_input.num_images,
             recipe_json=json.dumps(described, sort_keys=True) if described else None,
+            fields=fields,
         )
 
-    def _recipe_for(self, change: ObjectChange) -> Recipe | None:
+    def _recipe_for(self, change: ObjectChange, intent: _Intent) -> Recipe | None:
+        # The recipe as it stood when the upload arrived; for a backfill, as it stands now (written for it).
         try:
-            return self._recipes.for_upload(change.key, _arrival(change))
+            return self._recipes.for_upload(change.key, intent.recipe_at or _arrival(change))
         except InvalidRecipe as exc:
             recipe = {"key": exc.key, "version_id": exc.version_id}
             raise _UserError("invalid_recipe", f"{exc}; fix the recipe and upload again", exc.problems, recipe) from exc
@@ -511,10 +528,10 @@ class Submitter:
             # again by whoever took it, or by the line / the message's next delivery, never dropped.
             self._give_back(job.job_id, admitted)
             logger.warning("the hold lapsed before sending; nothing sent, the job is taken up again")
-            if in_line:
+            if in_line:  # not WAITING: that would stop the dispatcher, and the slot was just given back
                 self._jobs.return_to_line(job.job_id)
-                return ChangeResult(Outcome.WAITING, job.key, job.job_id, "hold lapsed")
-            raise RetryLater("the hold lapsed before sending") from None
+                return ChangeResult(Outcome.DUPLICATE, job.key, job.job_id, "hold lapsed")
+            return self._retry_later(job, holder, receive_count, "the hold lapsed before sending", code="retries_exhausted", sent=False)
         # From here the request may be at fal: every path below ends in a recorded state, never a resend.
         headers = {"X-Fal-Request-Timeout": str(start_within)} if start_within else {}
         if self._settings.fal_media_retention_seconds:
@@ -681,7 +698,8 @@ class Submitter:
         try:
             fields = decode_tags(tags)
         except TagEncodingError as exc:
-            raise _UserError("invalid_tags", str(exc), [FieldProblem(field=exc.field or "prompt", message=str(exc))]) from exc
+            problems = [FieldProblem(field=exc.field or "prompt", message=str(exc))]
+            raise _UserError("invalid_tags", str(exc), problems, fields=dict(tags)) from exc
         ignored = sorted(set(tags) - set(fields) - {k for k in tags if k.startswith("kx")})
         if ignored:
             logger.debug("tags that are not model fields were ignored", extra={"ignored_tags": ignored})
@@ -743,10 +761,14 @@ class Submitter:
 
 def _arrival(change: ObjectChange) -> datetime:
     """When S3 says the upload happened (the event's time); now, if the event's time cannot be read."""
+    return _arrival_at(change.event_time) or datetime.now(UTC)
+
+
+def _arrival_at(text: str) -> datetime | None:
     try:
-        moment = datetime.fromisoformat(change.event_time.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except (ValueError, AttributeError):
-        return datetime.now(UTC)
+        return None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 

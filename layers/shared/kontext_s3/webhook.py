@@ -28,7 +28,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -131,6 +131,8 @@ class WebhookReceiver:
             # next upload now rather than after the copy, so fal's slots do not idle while we download.
             try:
                 self._finisher.give_back(claim.job)
+                # Given back: ending the job below need not try again (a conditional write bound to fail).
+                claim = replace(claim, job=claim.job.model_copy(update={"slot": None}))
             except (ClientError, BotoCoreError) as exc:
                 # Not fatal: ending the job gives it back again, and recovery reclaims a slot that stays leaked.
                 logger.warning("could not free the job's slot early", extra={"reason": str(exc)})
