@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -70,12 +71,33 @@ class Aws:
         assert len(found) == expected, f"expected {expected} S3 event(s), got {len(found)}"
         return found
 
+    def job_events(self) -> list[dict[str, Any]]:
+        """The EventBridge job events the stack published (the test rule sends them to a queue)."""
+        found: list[dict[str, Any]] = []
+        for _ in range(3):
+            batch = self.receive(self.resources.events_queue_url, wait=1)
+            found.extend(json.loads(m["Body"]) for m in batch)
+            if not batch and found:
+                break
+        return found
+
     def get_json(self, key: str) -> Any:
         return json.loads(self.s3.get_object(Bucket=self.resources.bucket, Key=key)["Body"].read())
 
     def keys(self, prefix: str) -> list[str]:
         listing = self.s3.list_objects_v2(Bucket=self.resources.bucket, Prefix=prefix)
         return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def eventually(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """``check()``'s first truthy value, polled until ``timeout``; an AssertionError naming ``what`` after that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def jpeg_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 120, 40)) -> bytes:

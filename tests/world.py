@@ -8,7 +8,6 @@ loads them. The adversarial and admission suites use it.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Callable, Iterator
@@ -131,13 +130,7 @@ class World:
         return dict(item)
 
     def events(self) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
-        for _ in range(3):
-            batch = self.aws.receive(self.aws.resources.events_queue_url, wait=1)
-            found.extend(json.loads(m["Body"]) for m in batch)
-            if not batch and found:
-                break
-        return found
+        return self.aws.job_events()
 
 
 @pytest.fixture

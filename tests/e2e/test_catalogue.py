@@ -7,7 +7,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import pytest
 from PIL import Image
@@ -17,17 +16,8 @@ from kontext_s3.jobs import Job, JobState
 from kontext_s3.tag_codec import encode_tags
 from kontext_s3_tools import cli
 from kontext_s3_tools.local_stack import LocalStack
+from tests.helpers import eventually as until
 from tests.helpers import jpeg_bytes
-
-
-def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def jobs_of(stack: LocalStack, key: str, version: str) -> list[Job]:

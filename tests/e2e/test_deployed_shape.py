@@ -10,7 +10,8 @@ import pytest
 from kontext_s3.jobs import JobState
 from kontext_s3_tools import cli
 from kontext_s3_tools.local_stack import TEMPLATE, LocalStack
-from tests.e2e.test_pipeline import eventually, image_file
+from tests.e2e.test_pipeline import image_file
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.e2e
 

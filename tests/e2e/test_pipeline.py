@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,7 +13,7 @@ from kontext_s3.jobs import JobState
 from kontext_s3.s3_events import parse_notification
 from kontext_s3_tools import cli
 from kontext_s3_tools.local_stack import LocalStack
-from tests.helpers import jpeg_bytes
+from tests.helpers import eventually, jpeg_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -24,16 +22,6 @@ def image_file(tmp_path: Path, name: str = "photo.jpg", color: tuple[int, int, i
     path = tmp_path / name
     path.write_bytes(jpeg_bytes(160, 120, color))
     return path
-
-
-def eventually(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_an_upload_becomes_edited_images_and_a_manifest(stack: LocalStack, tmp_path: Path) -> None:

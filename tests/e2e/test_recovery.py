@@ -17,7 +17,8 @@ from kontext_s3.output_store import OutputLayout
 from kontext_s3.recovery import Recovery
 from kontext_s3_tools import cli
 from kontext_s3_tools.local_stack import LocalStack
-from tests.e2e.test_pipeline import eventually, image_file
+from tests.e2e.test_pipeline import image_file
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,6 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -16,6 +15,7 @@ from kontext_s3.admission import Admission, Admitted, Wait, is_dispatch
 from kontext_s3.jobs import Job, JobConflict, JobState, JobStore, new_holder
 from kontext_s3_tools.local_stack import LambdaContext, SqsPoller, sqs_event
 from tests.helpers import Aws, jpeg_bytes
+from tests.helpers import eventually as until
 from tests.world import World, world
 
 __all__ = ["world"]
@@ -39,16 +39,6 @@ def dispatch_messages(world: World) -> int:
                 QueueUrl=world.aws.resources.queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
             )
     return found
-
-
-def until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "it") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- the store of slots and budget ---------------------------------------------------------------

@@ -125,13 +125,7 @@ class Webhook:
         return self.aws.keys(job.output_prefix)
 
     def events(self) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
-        for _ in range(3):
-            batch = self.aws.receive(self.aws.resources.events_queue_url, wait=1)
-            found.extend(json.loads(m["Body"]) for m in batch)
-            if not batch and found:
-                break
-        return found
+        return self.aws.job_events()
 
 
 @pytest.fixture

@@ -527,7 +527,7 @@ class Submitter:
             # Our hold lapsed: recovery may have handed our slot on, so nothing is sent. The job is taken up
             # again by whoever took it, or by the line / the message's next delivery, never dropped.
             self._give_back(job.job_id, admitted)
-            logger.warning("the hold lapsed before sending; nothing sent, the job is taken up again")
+            logger.warning("lost the hold before sending (it lapsed, or another worker took the job); nothing sent")
             if in_line:  # not WAITING: that would stop the dispatcher, and the slot was just given back
                 self._jobs.return_to_line(job.job_id)
                 return ChangeResult(Outcome.DUPLICATE, job.key, job.job_id, "hold lapsed")
