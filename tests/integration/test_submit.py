@@ -397,3 +397,17 @@ def _context() -> object:
     from kontext_s3_tools.local_stack import LambdaContext
 
     return LambdaContext("submit", 20.0)
+
+
+def test_fal_is_told_how_long_to_keep_its_copies_of_the_outputs_when_a_retention_is_set(
+    aws: Aws, emulator: FalEmulator, load_handler: Callable[..., ModuleType], function_env: Callable[..., dict[str, str]]
+) -> None:
+    kept = load_handler("submit", function_env(webhook_url=WEBHOOK, FAL_MEDIA_RETENTION_SECONDS="7200"))
+    upload(aws, "inputs/kept.jpg", {"prompt": "x"})
+    deliver_all(aws, kept)
+    default = load_handler("submit", function_env(webhook_url=WEBHOOK))
+    tags = tagging_header(encode_tags({"prompt": "x"}))
+    aws.s3.put_object(Bucket=aws.resources.bucket, Key="inputs/default.jpg", Body=jpeg_bytes(), Tagging=tags)
+    deliver_all(aws, default)
+    preference = [{k.lower(): v for k, v in s["headers"].items()}.get("x-fal-object-lifecycle-preference") for s in emulator.submits()]
+    assert [json.loads(p) if p else None for p in preference] == [{"expiration_duration_seconds": 7200}, None]
