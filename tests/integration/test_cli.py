@@ -184,10 +184,21 @@ def test_download_into_a_place_that_cannot_be_written_is_one_line(aws: Aws, env:
         cli.download(target, result, blocker)
 
 
+#: ``python -m kontext_s3_tools.cli`` with SIGINT as a shell leaves it: Python's handler installed and not blocked.
+AS_FROM_A_SHELL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+    "sys.argv[0] = 'kontext-s3'; runpy.run_module('kontext_s3_tools.cli', run_name='__main__', alter_sys=True)"
+)
+
+
 def test_ctrl_c_while_waiting_is_one_line(env: dict[str, str], image: Path) -> None:
     # No functions run here, so the job never ends: the CLI waits until interrupted.
+    # Started as from a user's shell: Ctrl-C neither ignored nor blocked, whatever earlier tests left in this
+    # process (the whole suite on python3.13 twice left the CLI deaf to SIGINT here; alone it never was).
+    parent = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
     process = subprocess.Popen(
-        [sys.executable, "-m", "kontext_s3_tools.cli", "upload", str(image), "--prompt", "x", "--wait"],
+        [sys.executable, "-c", AS_FROM_A_SHELL, "upload", str(image), "--prompt", "x", "--wait"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -199,7 +210,11 @@ def test_ctrl_c_while_waiting_is_one_line(env: dict[str, str], image: Path) -> N
         pass
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=30)
+    try:
+        _, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"the CLI ignored Ctrl-C; this process's SIGINT handler and blocked signals: {parent}") from None
     assert process.returncode == cli.EXIT_INTERRUPTED
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("interrupted; anything already uploaded is still processed")
