@@ -139,7 +139,16 @@ def _change(record: dict[str, Any]) -> ObjectChange:
     # S3 event keys are URL-encoded, '+' for spaces.
     key, bucket = unquote_plus(obj["key"]), str(s3.get("bucket", {}).get("name", ""))
     version, etag, sequencer = (obj.get(name) or None for name in ("versionId", "eTag", "sequencer"))
-    return ObjectChange(record.get("eventName", ""), bucket, key, version, etag, sequencer, obj.get("size"), record.get("eventTime", ""))
+    return ObjectChange(
+        event_name=record.get("eventName", ""),
+        bucket=bucket,
+        key=key,
+        version_id=version,
+        etag=etag,
+        sequencer=sequencer,
+        size=obj.get("size"),
+        event_time=record.get("eventTime", ""),
+    )
 
 
 def _newest_error(s3: S3Client, bucket: str, layout: OutputLayout, key: str, version_id: str | None) -> str | None:

@@ -57,8 +57,9 @@ class InputImages:
         if upright:
             image.update(width=upright[0], height=upright[1])
         content_type, body = header.content_type, dict(body)
-        if changes_needed(header):
-            prepared = self._prepared_copy(change, output_prefix, header)
+        changes = changes_needed(header)
+        if changes:
+            prepared = self._prepared_copy(change, output_prefix, header, changes)
             content_type, upright = prepared["content_type"], (prepared["width"], prepared["height"])
             # Decoded, the size is exact: a HEIC header gives the coded size, which a crop box may trim.
             image.update(width=upright[0], height=upright[1], prepared=prepared)
@@ -68,7 +69,9 @@ class InputImages:
             body["aspect_ratio"] = image["aspect_ratio_matched"] = nearest_aspect_ratio(*upright)
         return SeenImage(body, content_type, json.dumps(image, sort_keys=True))
 
-    def _prepared_copy(self, change: ObjectChange, output_prefix: str, header: ImageHeader) -> dict[str, Any]:
+    def _prepared_copy(
+        self, change: ObjectChange, output_prefix: str, header: ImageHeader, changes: list[dict[str, str]]
+    ) -> dict[str, Any]:
         """Write the upright / converted copy fal is given, beside the job's outputs."""
         data = self._s3.get_object(**version_args(change))["Body"].read()  # type: ignore[arg-type]
         try:
@@ -77,14 +80,14 @@ class InputImages:
             raise RefusedInput("unsupported_object", str(exc)) from exc
         key = f"{output_prefix}input-prepared.{prepared.extension}"
         self._s3.put_object(Bucket=change.bucket, Key=key, Body=prepared.data, ContentType=prepared.content_type)
-        logger.info("input prepared for fal", extra={"changes": [c["change"] for c in prepared.changes], "prepared_key": key})
+        logger.info("input prepared for fal", extra={"changes": [c["change"] for c in changes], "prepared_key": key})
         return {
             "key": key,
             "content_type": prepared.content_type,
             "width": prepared.width,
             "height": prepared.height,
             "bytes": len(prepared.data),
-            "changes": prepared.changes,
+            "changes": changes,
         }
 
     def _header(self, change: ObjectChange) -> tuple[ImageHeader, int]:

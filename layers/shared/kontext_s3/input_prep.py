@@ -38,7 +38,6 @@ class Prepared:
     extension: str
     width: int
     height: int
-    changes: list[dict[str, str]]
 
 
 def changes_needed(header: ImageHeader) -> list[dict[str, str]]:
@@ -88,4 +87,4 @@ def prepare(data: bytes, header: ImageHeader, *, max_pixels: int) -> Prepared:
         except (OSError, ValueError, SyntaxError) as exc:  # Pillow's ways of saying "not a valid image"
             raise UnreadableImage(f"the {header.content_type} image could not be decoded: {exc}") from exc
     content_type, extension = ("image/png", "png") if transparent else ("image/jpeg", "jpg")
-    return Prepared(out.getvalue(), content_type, extension, width, height, changes_needed(header))
+    return Prepared(out.getvalue(), content_type, extension, width, height)

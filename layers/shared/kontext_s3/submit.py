@@ -45,7 +45,7 @@ from kontext_s3.admission import Admission, Admitted, Wait, is_dispatch
 from kontext_s3.completion import JobFinisher
 from kontext_s3.edit_request import InvalidEditRequest, build_model_input
 from kontext_s3.fal_queue import Accepted, FalQueueClient, NotEnqueued, Refused, SubmitOutcome, Unknown, summarize_detail
-from kontext_s3.input_image import InputImages, RefusedInput, missing
+from kontext_s3.input_image import InputImages, RefusedInput, missing, version_args
 from kontext_s3.job_id import derive_job_id, edit_mark
 from kontext_s3.jobs import Job, JobConflict, JobState, JobStore, new_holder, now_ms
 from kontext_s3.log import logger
@@ -269,8 +269,7 @@ class Submitter:
         try:
             prepared = self._with_image(job, change, edit)
         except _UserError as exc:
-            self._finisher.fail(job, holder, stage="validation", code=exc.code, message=str(exc), problems=exc.problems, recipe=exc.recipe)
-            return ChangeResult(Outcome.FAILED, change.key, job.job_id, f"{exc.code}: {exc}")
+            return self._fail_validation(job, holder, exc)
         except Exception as exc:
             return self._retry_later(job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False)
         return self._take_turn(job, holder, prepared, receive_count=receive_count, deadline=deadline, in_line=False)
@@ -280,9 +279,11 @@ class Submitter:
         held = self._hold(change, exc.fields, deadline)
         if isinstance(held, ChangeResult):
             return held
-        job, holder = held
+        return self._fail_validation(*held, exc)
+
+    def _fail_validation(self, job: Job, holder: str, exc: _UserError) -> ChangeResult:
         self._finisher.fail(job, holder, stage="validation", code=exc.code, message=str(exc), problems=exc.problems, recipe=exc.recipe)
-        return ChangeResult(Outcome.FAILED, change.key, job.job_id, f"{exc.code}: {exc}")
+        return ChangeResult(Outcome.FAILED, job.key, job.job_id, f"{exc.code}: {exc}")
 
     def _transient(self, change: ObjectChange, exc: Exception, receive_count: int, deadline: float) -> ChangeResult:
         """The edit could not be read: retried by SQS; the last delivery leaves a recorded, retryable failure."""
@@ -303,7 +304,8 @@ class Submitter:
         The upload's first job has the upload's id. With ``RERUN_ON_TAG_CHANGE``, an edit other than the one that
         job recorded is a job of its own, whose id names the edit, so the same edit never runs twice.
         """
-        upload_id = derive_job_id(change.bucket, change.key, change.version_id, change.etag, change.sequencer or change.event_time)
+        upload = (change.bucket, change.key, change.version_id, change.etag, change.sequencer or change.event_time)
+        upload_id = derive_job_id(*upload)
         mark = edit_mark(edit) if self._settings.rerun_on_tag_change and edit is not None else None
         holder = new_holder()
         # The hold outlives this invocation by a margin: if we die, it lapses before SQS redelivers.
@@ -318,9 +320,7 @@ class Submitter:
                     # edit than the one that ran (a recipe or a default changed since): only new tags start a re-run.
                     logger.info("duplicate delivery: the upload's job ran another edit", extra={"first_job_id": upload_id})
                     return ChangeResult(Outcome.DUPLICATE, change.key, upload_id, "the upload's job exists")
-                job_id = derive_job_id(
-                    change.bucket, change.key, change.version_id, change.etag, change.sequencer or change.event_time, edit
-                )
+                job_id = derive_job_id(*upload, edit=edit)
                 logger.info("the upload's edit changed: a job of its own", extra={"first_job_id": upload_id})
                 job = self._create(change, job_id, holder, hold_ms, mark, upload_id=upload_id)
         logger.thread_safe_append_keys(job_id=job_id)
@@ -685,11 +685,8 @@ class Submitter:
         return None
 
     def _read_tags(self, change: ObjectChange) -> dict[str, str]:
-        kwargs = {"Bucket": change.bucket, "Key": change.key}
-        if change.version_id:
-            kwargs["VersionId"] = change.version_id
         try:
-            tag_set = self._s3.get_object_tagging(**kwargs)["TagSet"]  # type: ignore[arg-type]
+            tag_set = self._s3.get_object_tagging(**version_args(change))["TagSet"]  # type: ignore[arg-type]
         except ClientError as exc:
             if missing(exc):
                 raise _UserError("input_missing", "the uploaded object no longer exists") from exc
