@@ -89,3 +89,68 @@ def test_a_missing_key_is_404_only_to_a_caller_allowed_to_list_the_bucket(
         with pytest.raises(s3.exceptions.ClientError) as missing:
             call(Bucket=bucket, Key="inputs/_kontext.json")
         assert missing.value.response["ResponseMetadata"]["HTTPStatusCode"] == status
+
+
+def test_s3_and_sqs_calls_are_judged_by_iams_own_action_names_whatever_moto_would_call_them(aws: Aws, gateway: AwsGateway) -> None:
+    bucket = aws.resources.bucket
+    queue_arn = f"arn:aws:sqs:us-east-1:123456789012:{aws.resources.queue_url.rsplit('/', 1)[-1]}"
+    statements: list[dict[str, object]] = [
+        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:GetObjectVersion"], "Resource": f"arn:aws:s3:::{bucket}/inputs/*"},
+        {"Effect": "Allow", "Action": "s3:GetObjectVersionTagging", "Resource": f"arn:aws:s3:::{bucket}/inputs/*"},
+        {"Effect": "Allow", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{bucket}/outputs/*"},
+        {
+            "Effect": "Allow",
+            "Action": "s3:ListBucketVersions",
+            "Resource": f"arn:aws:s3:::{bucket}",
+            "Condition": {"StringLike": {"s3:prefix": "inputs/*"}},
+        },
+        {"Effect": "Allow", "Action": "sqs:SendMessage", "Resource": queue_arn},
+    ]
+    gateway.add_identity("ASIASUBMIT", Identity("SubmitFunction", "arn:aws:sts::1:assumed-role/r/s", statements, time.time() + 3600))
+    session = aws_session(Credentials("ASIASUBMIT", "secret", "token"))
+    s3, sqs = session.client("s3", endpoint_url=gateway.url), session.client("sqs", endpoint_url=gateway.url)
+    version = aws.s3.put_object(Bucket=bucket, Key="inputs/a.jpg", Body=b"x", Tagging="prompt=hi")["VersionId"]
+
+    s3.head_object(Bucket=bucket, Key="inputs/a.jpg")  # moto 5.2.6 would ask IAM for s3:HeadObject, which IAM has not got
+    s3.head_object(Bucket=bucket, Key="inputs/a.jpg", VersionId=version)
+    s3.get_object(Bucket=bucket, Key="inputs/a.jpg")
+    assert s3.get_object_tagging(Bucket=bucket, Key="inputs/a.jpg", VersionId=version)["TagSet"] == [{"Key": "prompt", "Value": "hi"}]
+    s3.list_object_versions(Bucket=bucket, Prefix="inputs/a.jpg")
+    s3.put_object(Bucket=bucket, Key="outputs/a/image-0.png", Body=b"y")
+    sqs.send_message(QueueUrl=aws.resources.queue_url, MessageBody="{}")
+    for refused_call in (
+        lambda: s3.get_object_tagging(Bucket=bucket, Key="inputs/a.jpg"),  # the current version's tags: another action
+        lambda: s3.put_object(Bucket=bucket, Key="inputs/b.jpg", Body=b"z"),
+        lambda: s3.list_object_versions(Bucket=bucket, Prefix="outputs/"),
+    ):
+        with pytest.raises(s3.exceptions.ClientError) as refused:
+            refused_call()
+        assert refused.value.response["Error"]["Code"] == "AccessDenied"
+    with pytest.raises(sqs.exceptions.ClientError) as refused:
+        sqs.get_queue_attributes(QueueUrl=aws.resources.queue_url, AttributeNames=["All"])
+    assert "AccessDenied" in refused.value.response["Error"]["Code"]
+
+    judged = [(j.action, j.allowed) for j in gateway.recorded_judgements()]
+    assert judged == [
+        ("s3:GetObject", True),
+        ("s3:GetObjectVersion", True),
+        ("s3:GetObject", True),
+        ("s3:GetObjectVersionTagging", True),
+        ("s3:ListBucketVersions", True),
+        ("s3:PutObject", True),
+        ("sqs:SendMessage", True),
+        ("s3:GetObjectTagging", False),
+        ("s3:PutObject", False),
+        ("s3:ListBucketVersions", False),
+        ("sqs:GetQueueAttributes", False),
+    ]
+
+
+def test_a_key_the_stack_never_issued_is_refused(aws: Aws, gateway: AwsGateway) -> None:
+    gateway.refuse_unknown_keys = True
+    stranger = aws_session(Credentials("AKIASTRANGER", "secret")).client("s3", endpoint_url=gateway.url)
+    with pytest.raises(stranger.exceptions.ClientError) as refused:
+        stranger.list_objects_v2(Bucket=aws.resources.bucket)
+    assert refused.value.response["Error"]["Code"] == "InvalidAccessKeyId"
+    admin = aws_session(TEST_CREDENTIALS).client("s3", endpoint_url=gateway.url)
+    assert admin.list_objects_v2(Bucket=aws.resources.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200

@@ -4,17 +4,18 @@ It forwards each request to moto, and on the way it
 
 * answers instead of moto when a fault rule matches (a throttled DynamoDB
   write, a failing S3 PUT), so tests can make AWS misbehave over real sockets;
-* judges the calls of each function's own credentials where moto cannot
-  (moto enforces IAM per resource for S3 and SQS only, and judges DynamoDB,
-  Secrets Manager, EventBridge and CloudWatch against ``*``): the action and
-  resource ARN of each call are checked against that function's role policy,
-  a refusal is answered as AWS answers it (``AccessDeniedException`` naming
-  the action and resource), and every judgement is recorded;
+* is the only judge of IAM: the calls of each function's own credentials are
+  checked, action and resource ARN, against that function's role policy, with
+  IAM's own action names (a HEAD of an object is ``s3:GetObject``; a tagging
+  read of a version, ``s3:GetObjectVersionTagging``); a refusal is answered as
+  the service answers it, and every judgement is recorded. moto runs with its
+  own authorization off: its mapping of requests to actions changes between
+  releases (5.2.6 asks IAM for ``s3:HeadObject``, which IAM does not have), and
+  it judges DynamoDB, Secrets Manager, EventBridge and CloudWatch against ``*``;
+* refuses credentials it does not know, as AWS refuses a key it never issued;
 * refuses a presigned URL past its expiry, or past the expiry of the session
   that signed it, as S3 does (moto checks neither).
 
-What it lets through to moto for a judged service it signs again with the
-stack's admin credentials, since moto would refuse any resource-scoped policy.
 The functions talk to it through ``AWS_ENDPOINT_URL`` exactly as they would
 talk to AWS, so presigned URLs they make point at it too.
 """
@@ -43,8 +44,8 @@ from kontext_s3_tools.iam_policy import Decision, evaluate
 from kontext_s3_tools.template_model import ACCOUNT, REGION
 
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request")
-#: Services whose calls the gateway judges itself (moto judges them against "*").
-JUDGED_SERVICES = frozenset({"dynamodb", "secretsmanager", "events", "monitoring", "logs"})
+#: Services whose calls the gateway judges against the caller's role (every service the functions call).
+JUDGED_SERVICES = frozenset({"s3", "sqs", "dynamodb", "secretsmanager", "events", "monitoring", "logs"})
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization", "proxy-authenticate"}
 
 
@@ -96,6 +97,8 @@ class Judgement:
     resource: str
     allowed: bool
     reason: str
+    #: When it was judged (epoch seconds).
+    at: float = field(default_factory=time.time)
 
 
 def dynamodb_error(code: str, message: str, status: int = 400) -> Answer:
@@ -140,6 +143,8 @@ class AwsGateway:
         self.upstream = upstream.rstrip("/")
         self.admin = admin
         self.identities: dict[str, Identity] = {}
+        #: Refuse keys that are neither the administrator's nor a function's (the local stack turns it on).
+        self.refuse_unknown_keys = False
         self.judgements: list[Judgement] = []
         self.calls: list[Call] = []
         self.record = False
@@ -195,12 +200,14 @@ class AwsGateway:
                 return answer
         if call.presigned:
             return self._presigned(call, identity)
+        if identity is None and self.refuse_unknown_keys and not self._is_admin(call.access_key):
+            return unknown_key(call)
         if identity is not None and call.service in JUDGED_SERVICES:
-            for action, resource in judged_targets(call):
-                decision = self._judge(identity, action, resource)
+            for action, resource, context in judged_targets(call):
+                decision = self._judge(identity, action, resource, context)
                 if not decision.allowed:
-                    return access_denied(identity, action, resource, decision)
-            return self._forward_as_admin(call)
+                    return access_denied(identity, call, action, resource, decision)
+        # moto authorizes nothing (see above): what the gateway let through goes on as it came.
         answer = self.forward(method, target, headers, body)
         if identity is not None and call.service == "s3" and answer.status == 404 and method in ("GET", "HEAD"):
             return self._hide_absence(call, identity, answer)
@@ -254,10 +261,8 @@ class AwsGateway:
         target = call.path + (f"?{urlencode(kept)}" if kept else "")
         return self._signed_forward(call.method, target, {}, b"", "s3")
 
-    def _forward_as_admin(self, call: Call) -> Answer:
-        target = call.path + (f"?{urlencode(call.query, doseq=True)}" if call.query else "")
-        keep = {k: v for k, v in call.headers.items() if k.lower() in ("content-type", "x-amz-target", "accept", "x-amz-json-1.0")}
-        return self._signed_forward(call.method, target, keep, call.body, call.service)
+    def _is_admin(self, access_key: str | None) -> bool:
+        return self.admin is not None and access_key == self.admin.access_key
 
     def _signed_forward(self, method: str, target: str, headers: dict[str, str], body: bytes, service: str) -> Answer:
         if self.admin is None:
@@ -281,39 +286,166 @@ def _arn(service: str, kind: str, name: str) -> str:
 _TRANSACT = {"Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem", "ConditionCheck": "ConditionCheckItem", "Get": "GetItem"}
 
 
-def judged_targets(call: Call) -> list[tuple[str, str]]:
-    """The (IAM action, resource ARN) pairs one call needs, as the service's authorization reads them."""
+Target = tuple[str, str, dict[str, str]]
+
+
+def judged_targets(call: Call) -> list[Target]:
+    """The (IAM action, resource ARN, condition context) each call needs, as the service's authorization reads them."""
     body = call.json() or {}
     service, op = call.service, call.action
+    if service == "s3":
+        return s3_targets(call)
+    if service == "sqs":
+        return sqs_targets(call)
     if service == "dynamodb":
         if op in ("TransactWriteItems", "TransactGetItems"):
             return [
-                (f"dynamodb:{_TRANSACT[kind]}", _arn("dynamodb", "table/", spec["TableName"]))
+                (f"dynamodb:{_TRANSACT[kind]}", _arn("dynamodb", "table/", spec["TableName"]), {})
                 for item in body.get("TransactItems", [])
                 for kind, spec in item.items()
             ]
         if op in ("BatchGetItem", "BatchWriteItem"):
             actions = ["GetItem"] if op == "BatchGetItem" else ["PutItem", "DeleteItem"]
-            return [(f"dynamodb:{a}", _arn("dynamodb", "table/", table)) for table in body.get("RequestItems", {}) for a in actions]
+            return [(f"dynamodb:{a}", _arn("dynamodb", "table/", table), {}) for table in body.get("RequestItems", {}) for a in actions]
         table = _arn("dynamodb", "table/", str(body.get("TableName", "*")))
         if body.get("IndexName"):
             table += f"/index/{body['IndexName']}"
-        return [(f"dynamodb:{op}", table)]
+        return [(f"dynamodb:{op}", table, {})]
     if service == "secretsmanager":
-        return [(f"secretsmanager:{op}", _arn("secretsmanager", "secret:", str(body.get("SecretId", "*"))))]
+        return [(f"secretsmanager:{op}", _arn("secretsmanager", "secret:", str(body.get("SecretId", "*"))), {})]
     if service == "events" and op == "PutEvents":
         buses = {str(entry.get("EventBusName") or "default") for entry in body.get("Entries", [])}
-        return [("events:PutEvents", _arn("events", "event-bus/", bus)) for bus in sorted(buses)]
+        return [("events:PutEvents", _arn("events", "event-bus/", bus), {}) for bus in sorted(buses)]
     if service == "logs":
-        return [(f"logs:{op}", _arn("logs", "log-group:", str(body.get("logGroupName", "*"))))]
-    return [(f"{service}:{op}", "*")]
+        return [(f"logs:{op}", _arn("logs", "log-group:", str(body.get("logGroupName", "*"))), {})]
+    return [(f"{service}:{op}", "*", {})]
 
 
-def access_denied(identity: Identity, action: str, resource: str, decision: Decision) -> Answer:
-    """The refusal AWS's JSON-protocol services answer."""
+#: Object sub-resources and the IAM action each method needs on them (``Version`` is inserted for a versionId).
+_S3_OBJECT_SUBRESOURCES = {
+    "tagging": {"GET": "GetObjectTagging", "PUT": "PutObjectTagging", "DELETE": "DeleteObjectTagging"},
+    "acl": {"GET": "GetObjectAcl", "PUT": "PutObjectAcl"},
+    "attributes": {"GET": "GetObjectAttributes"},
+    "retention": {"GET": "GetObjectRetention", "PUT": "PutObjectRetention"},
+    "legal-hold": {"GET": "GetObjectLegalHold", "PUT": "PutObjectLegalHold"},
+    "restore": {"POST": "RestoreObject"},
+}
+#: Bucket sub-resources: ``?versions`` lists versions, ``?notification`` reads or writes the notification configuration...
+_S3_BUCKET_SUBRESOURCES = {
+    "versions": {"GET": "ListBucketVersions"},
+    "uploads": {"GET": "ListBucketMultipartUploads"},
+    "location": {"GET": "GetBucketLocation"},
+    "notification": {"GET": "GetBucketNotification", "PUT": "PutBucketNotification"},
+    "versioning": {"GET": "GetBucketVersioning", "PUT": "PutBucketVersioning"},
+    "tagging": {"GET": "GetBucketTagging", "PUT": "PutBucketTagging", "DELETE": "PutBucketTagging"},
+    "policy": {"GET": "GetBucketPolicy", "PUT": "PutBucketPolicy", "DELETE": "DeleteBucketPolicy"},
+    "encryption": {"GET": "GetEncryptionConfiguration", "PUT": "PutEncryptionConfiguration"},
+    "lifecycle": {"GET": "GetLifecycleConfiguration", "PUT": "PutLifecycleConfiguration"},
+    "cors": {"GET": "GetBucketCORS", "PUT": "PutBucketCORS"},
+    "acl": {"GET": "GetBucketAcl", "PUT": "PutBucketAcl"},
+}
+
+
+def s3_targets(call: Call) -> list[Target]:
+    """S3's REST calls as IAM names them (the Service Authorization Reference's "Actions defined by Amazon S3").
+
+    Path-style addresses only (what a client with an endpoint URL of ``http://127.0.0.1:port`` sends).
+    """
+    bucket, _, key = unquote(call.path.lstrip("/")).partition("/")
+    query, method = call.query, call.method
+    if not bucket:
+        return [("s3:ListAllMyBuckets", "*", {})]
+    bucket_arn = f"arn:aws:s3:::{bucket}"
+    if key:
+        resource = f"{bucket_arn}/{key}"
+        versioned = "versionId" in query
+        for name, actions in _S3_OBJECT_SUBRESOURCES.items():
+            if name in query:
+                action = actions.get(method, f"{method}Object{name.title()}")
+                return [("s3:" + (action.replace("Object", "ObjectVersion", 1) if versioned else action), resource, {})]
+        if "uploadId" in query or "uploads" in query:  # multipart: each step is s3:PutObject, except these two
+            action = {"DELETE": "AbortMultipartUpload", "GET": "ListMultipartUploadParts"}.get(method, "PutObject")
+            return [(f"s3:{action}", resource, {})]
+        if method in ("GET", "HEAD"):
+            return [("s3:GetObjectVersion" if versioned else "s3:GetObject", resource, {})]
+        if method == "DELETE":
+            return [("s3:DeleteObjectVersion" if versioned else "s3:DeleteObject", resource, {})]
+        if method == "PUT":
+            targets: list[Target] = [("s3:PutObject", resource, {})]
+            source = next((v for k, v in call.headers.items() if k.lower() == "x-amz-copy-source"), None)
+            if source:  # a copy also reads its source
+                path, _, version = unquote(source).lstrip("/").partition("?versionId=")
+                targets.append(("s3:GetObjectVersion" if version else "s3:GetObject", f"arn:aws:s3:::{path}", {}))
+            return targets
+        return [(f"s3:{method}Object", resource, {})]
+    for name, actions in _S3_BUCKET_SUBRESOURCES.items():
+        if name in query:
+            return [("s3:" + actions.get(method, f"{method}Bucket{name.title()}"), bucket_arn, _listing_context(query))]
+    if "delete" in query and method == "POST":  # DeleteObjects: each key is a DeleteObject (judged on the bucket's objects)
+        return [("s3:DeleteObject", f"{bucket_arn}/*", {})]
+    if method in ("GET", "HEAD"):
+        return [("s3:ListBucket", bucket_arn, _listing_context(query))]
+    return [({"PUT": "s3:CreateBucket", "DELETE": "s3:DeleteBucket"}.get(method, f"s3:{method}Bucket"), bucket_arn, {})]
+
+
+def _listing_context(query: dict[str, list[str]]) -> dict[str, str]:
+    return {"s3:prefix": query.get("prefix", [""])[0]}
+
+
+#: SQS's batch calls are authorized as the single call they batch.
+_SQS_ACTIONS = {
+    "SendMessageBatch": "SendMessage",
+    "DeleteMessageBatch": "DeleteMessage",
+    "ChangeMessageVisibilityBatch": "ChangeMessageVisibility",
+}
+
+
+def sqs_targets(call: Call) -> list[Target]:
+    """SQS calls (JSON or query protocol) on the queue they name."""
+    body = call.json() if call.headers and "json" in _header(call, "content-type") else None
+    fields: dict[str, Any] = (
+        body if isinstance(body, dict) else {k: v[0] for k, v in parse_qs(call.body.decode("utf-8", "replace")).items()}
+    )
+    url = str(fields.get("QueueUrl") or call.path)
+    name = str(fields.get("QueueName") or url.rstrip("/").rsplit("/", 1)[-1] or "*")
+    return [(f"sqs:{_SQS_ACTIONS.get(call.action, call.action)}", _arn("sqs", "", name), {})]
+
+
+def _header(call: Call, name: str) -> str:
+    return next((v for k, v in call.headers.items() if k.lower() == name), "")
+
+
+def access_denied(identity: Identity, call: Call, action: str, resource: str, decision: Decision) -> Answer:
+    """The refusal as the service answers it: S3's XML ``AccessDenied`` (a HEAD, bare 403), or the JSON protocol's."""
     message = f"User: {identity.principal_arn} is not authorized to perform: {action} on resource: {resource} because {decision.reason}"
+    if call.service == "s3":
+        if call.method == "HEAD":
+            return Answer(403, b"", {"Content-Type": "application/xml"})
+        return s3_error(403, "AccessDenied", _xml_text(message), {})
+    if call.service == "sqs" and "json" not in _header(call, "content-type"):
+        body = (
+            '<?xml version="1.0"?><ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code>'
+            f"<Message>{_xml_text(message)}</Message></Error><RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
+        ).encode()
+        return Answer(403, body, {"Content-Type": "text/xml"})
     body = json.dumps({"__type": "AccessDeniedException", "message": message, "Message": message}).encode()
-    return Answer(400, body, {"Content-Type": "application/x-amz-json-1.0", "x-amzn-ErrorType": "AccessDeniedException"})
+    headers = {"Content-Type": "application/x-amz-json-1.0", "x-amzn-ErrorType": "AccessDeniedException"}
+    if call.service == "sqs":  # SQS's JSON protocol names the query protocol's code too
+        headers["x-amzn-query-error"] = "AccessDenied;Sender"
+    return Answer(400, body, headers)
+
+
+def unknown_key(call: Call) -> Answer:
+    """A key this account never issued, as each protocol says so."""
+    if call.service == "s3":
+        return s3_error(403, "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records.", {})
+    message = "The security token included in the request is invalid."
+    body = json.dumps({"__type": "UnrecognizedClientException", "message": message}).encode()
+    return Answer(400, body, {"Content-Type": "application/x-amz-json-1.0", "x-amzn-ErrorType": "UnrecognizedClientException"})
+
+
+def _xml_text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def s3_error(status: int, code: str, message: str, extra: dict[str, str]) -> Answer:
