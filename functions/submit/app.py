@@ -49,6 +49,7 @@ submitter = Submitter(
     admission=finisher.admission,
     slot_freed=finisher.slot_freed,
     send_later=wiring.send_later(settings) if settings.uploads_queue_url else None,
+    failures=wiring.delivery_failures(settings, jobs),
 )
 
 _METRIC_OF = {

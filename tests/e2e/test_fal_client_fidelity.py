@@ -64,3 +64,36 @@ def test_fal_client_submits_polls_fetches_and_cancels_unchanged(tls_emulator: tu
     assert seen["refused"]["status"] == 422
     [submit] = [s for s in emulator.submits() if s["body"].get("num_images") == 2 and s["webhook_url"]]
     assert submit["webhook_url"] == "https://example.invalid/hook"
+
+
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "fal-kontext-max-api.txt"
+
+
+def quick_start() -> str:
+    """The model page's Quick Start, exactly as the page gives it."""
+    page = REFERENCE.read_text(encoding="utf-8")
+    code = page.split("\nQuick Start\n", 1)[1].split("\nExamples\n", 1)[0]
+    assert "fal_client.subscribe(" in code and "with_logs=True" in code
+    return code.strip() + "\n"
+
+
+def test_the_model_pages_quick_start_runs_verbatim_against_the_emulator(tls_emulator: tuple[FalEmulator, Path], tmp_path: Path) -> None:
+    emulator, cert = tls_emulator
+    host = emulator.base_url.removeprefix("https://")
+    # The page's image lives on fal's media store: the emulator holds it there as fal would.
+    emulator.host_file("files/rabbit/rmgBxhwGYb2d3pl3x9sKf_output.png", jpeg_bytes(320, 200), "image/jpeg")
+    emulator.set_faults(processing_ms=1500)  # in progress long enough for the client's polls (every 0.1 s) to see it
+    script = tmp_path / "quick_start.py"
+    script.write_text(quick_start(), encoding="utf-8")
+    env = {
+        **os.environ,
+        "FAL_QUEUE_RUN_HOST": host,
+        "FAL_RUN_HOST": host,
+        "FAL_KEY": "client-key:client-secret",
+        "SSL_CERT_FILE": str(cert),
+    }
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # on_queue_update iterated update.logs while the request ran (fal-client asks for them with ?logs=true).
+    assert "emulator: editing" in run.stdout
+    assert "'images': [{" in run.stdout and "Put a donut next to the flour." in run.stdout

@@ -40,6 +40,7 @@ from botocore.exceptions import (
 from pydantic import ValidationError
 
 from kontext_s3.admission import Wait
+from kontext_s3.delivery_failures import DeliveryFailures
 from kontext_s3.dynamo import Table
 from kontext_s3.image_header import read_header
 from kontext_s3.input_prep import CONVERTED, SUPPORTED, TAKEN
@@ -49,6 +50,7 @@ from kontext_s3.model_schema import MATCH_INPUT, OPTIONAL_TAG_FIELDS, KontextMax
 from kontext_s3.output_store import OutputLayout, has_dot_segments
 from kontext_s3.recipes import RECIPE_FILE, InvalidRecipe, parse_recipe, recipe_keys
 from kontext_s3.tag_codec import TagEncodingError, encode_tags, tagging_header
+from kontext_s3.text import printable
 from kontext_s3_tools.backfill import BackfillError, backfill
 from kontext_s3_tools.dead_letters import failure_reasons, list_dead_letters, redrive
 from kontext_s3_tools.gallery import GalleryError, write_gallery
@@ -237,6 +239,10 @@ def describe(job: Job | None, jobs: JobStore | None) -> str:
     return job.state.value.lower()
 
 
+class WaitTimedOut(CliError):
+    """No result in the time given: the job may go on (where the stack does)."""
+
+
 def wait_for_result(
     target: Target,
     uploaded: Uploaded,
@@ -244,11 +250,18 @@ def wait_for_result(
     timeout: float = 300.0,
     interval: float = 0.5,
     progress: Callable[[str], None] = print,
+    stop_on_failure: bool = False,
 ) -> Result:
-    """Poll until the outputs or an error record appear, reporting each state the job passes through."""
+    """Poll until the outputs or an error record appear, reporting each state the job passes through.
+
+    A failed delivery of the upload's event is reported as soon as the submit function records it (one line:
+    what failed, on which delivery of how many, what to do); ``stop_on_failure`` ends the wait there.
+    """
     started = time.monotonic()
     jobs = target.jobs()
+    failures = DeliveryFailures(jobs.table) if jobs else None
     last = ""
+    shown_failure = 0
     while time.monotonic() - started < timeout:
         job: Job | None = jobs.get(uploaded.job_id) if jobs else None
         line = describe(job, jobs)
@@ -258,13 +271,20 @@ def wait_for_result(
         if line != last:
             progress(f"[{time.monotonic() - started:6.1f}s] {line}")
             last = line
+        if failures is not None and not (job is not None and job.state.ended):
+            failure = failures.latest(uploaded.job_id)
+            if failure is not None and failure.at_ms > shown_failure:
+                shown_failure = failure.at_ms
+                if stop_on_failure:
+                    raise CliError(f"error: {printable(failure.sentence())}")
+                progress(f"[{time.monotonic() - started:6.1f}s] {printable(failure.sentence())}")
         # With the table, S3 is read once the job has ended; without it, S3 is all there is.
         if jobs is None or (job is not None and job.state.ended):
             result = read_result(target, uploaded.job_id, uploaded.output_prefix)
             if result is not None:
                 return result
         time.sleep(interval)
-    raise CliError(f"error: no result after {timeout:.0f} s; the job goes on; follow it with: kontext-s3 status {uploaded.job_id}")
+    raise WaitTimedOut(f"error: no result after {timeout:.0f} s")
 
 
 def download(target: Target, result: Result, directory: Path) -> list[Path]:
@@ -688,7 +708,10 @@ def _upload(target: Target, args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     with _line_progress(True) as show:
-        result = wait_for_result(target, uploaded, timeout=args.timeout, progress=show)
+        try:
+            result = wait_for_result(target, uploaded, timeout=args.timeout, progress=show)
+        except WaitTimedOut as exc:
+            raise WaitTimedOut(f"{exc}; the job goes on; follow it with: kontext-s3 status {uploaded.job_id}") from None
     if not result.succeeded:
         assert result.error is not None
         print(f"failed ({result.error['code']}): {result.error['message']}", file=sys.stderr)
@@ -788,7 +811,10 @@ def _status(target: Target, args: argparse.Namespace) -> int:
             raise CliError(f"error: s3://{target.bucket}/{value} has no version id (an unversioned bucket?); give the job id instead")
         job_id = derive_job_id(target.bucket, value, version_id)
     job = latest_job(jobs, job_id)  # a job id names its own job; an upload's id, all of its jobs
+    failure = DeliveryFailures(jobs.table).latest(job_id) if job is None or not job.state.ended else None
     if job is None:
+        if failure is not None:
+            raise CliError(f"error: no job {job_id} yet: {printable(failure.sentence())}")
         raise CliError(f"error: no job {job_id} (not uploaded under the input prefix, not processed yet, or expired)")
     print(f"job      {job.job_id}")
     print(f"input    s3://{job.bucket}/{job.key} (version {job.version_id})")
@@ -808,6 +834,8 @@ def _status(target: Target, args: argparse.Namespace) -> int:
     print(f"outputs  s3://{job.bucket}/{job.output_prefix}")
     if job.error_message:
         print(f"error    {job.error_code or ''} {job.error_message}".rstrip())
+    if failure is not None and failure.at_ms >= (job.arrived_at_ms or 0):
+        print(f"failing  {printable(failure.sentence())}")
     for key in job.output_keys:
         print(f"image    s3://{job.bucket}/{key}")
     print("history")

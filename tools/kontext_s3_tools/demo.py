@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         uploaded = upload_image(target, SAMPLE, fields, key="inputs/demo/kitchen.jpg")
         print(f"uploaded {SAMPLE.name} as s3://{target.bucket}/{uploaded.key} with the prompt:\n  {PROMPT}")
         print(f"job {uploaded.job_id}:", flush=True)
-        result = wait_for_result(target, uploaded, timeout=args.timeout, progress=lambda line: print(f"  {line}", flush=True))
+        # A failed delivery ends the demo at once, with its cause: it has no later delivery worth waiting for.
+        result = wait_for_result(
+            target, uploaded, timeout=args.timeout, progress=lambda line: print(f"  {line}", flush=True), stop_on_failure=True
+        )
         if not result.succeeded:
             assert result.error is not None
             print(f"demo failed: the job failed ({result.error['code']}): {result.error['message']}", file=sys.stderr)
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     except CliError as exc:
-        print(f"demo failed: {str(exc).removeprefix('error: ')}", file=sys.stderr)
+        # The stack stops with the demo, so nothing goes on after this line: the logs are what is left to read.
+        print(f"demo failed: {str(exc).removeprefix('error: ')}; the local stack has stopped; logs: {stack.log_dir}/", file=sys.stderr)
         return 1
     except Exception as exc:
         print(f"demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -32,6 +32,7 @@ from typing import Any
 
 from PIL import Image
 
+from kontext_s3 import table_keys
 from kontext_s3.tag_codec import encode_tags, tagging_header
 from kontext_s3_tools.emulator import Faults
 from kontext_s3_tools.local_stack import ROOT, LocalStack
@@ -118,7 +119,7 @@ def _account(stack: LocalStack, keys: list[str], num_images: int) -> dict[str, A
     jobs: dict[str, dict[str, Any]] = {}
     for page in table.get_paginator("scan").paginate(TableName=stack.resources.table):
         for item in page["Items"]:
-            if not item["job_id"]["S"].startswith("_"):
+            if table_keys.is_job(item[table_keys.KEY]["S"]):
                 jobs[item["key"]["S"]] = {name: next(iter(value.values())) for name, value in item.items()}
     outputs: Counter[str] = Counter()
     for page in (

@@ -43,10 +43,10 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import boto3
-import httpx
 import yaml
 from botocore.credentials import Credentials
 
+from kontext_s3 import table_keys
 from kontext_s3.dynamo import Table
 from kontext_s3.jobs import JobStore
 from kontext_s3_tools.api_destinations import ApiDestinationRelay, RelaySpec, connection_headers
@@ -137,10 +137,6 @@ class MotoServer:
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"moto server did not listen on port {self.port} within {timeout} s")
-
-    def enforce_iam(self) -> None:
-        """From now on every request needs valid credentials, and IAM policies decide (moto's INITIAL_NO_AUTH_ACTION_COUNT)."""
-        httpx.post(f"{self.url}/moto-api/reset-auth", content=b"0", timeout=10).raise_for_status()
 
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
@@ -258,7 +254,10 @@ class _Deployer:
             generate = props.get("GenerateSecretString")
             if value is None and generate:
                 value = json.dumps({**json.loads(generate["SecretStringTemplate"]), generate["GenerateStringKey"]: uuid.uuid4().hex})
-            arn = self.secrets.create_secret(Name=name, SecretString=value or self.fal_key)["ARN"]
+            # The fal key secret is created as the template creates it, and stored as an operator would store it
+            # after deploying; an empty fal_key leaves it as a first deploy does: a secret with no value.
+            value = value or self.fal_key
+            arn = self.secrets.create_secret(Name=name, **({"SecretString": value} if value else {}))["ARN"]
             return {"Ref": arn, "Id": arn}
         if kind == "AWS::Events::Connection":
             arn = f"arn:aws:events:{REGION}:{ACCOUNT}:connection/{name}/{uuid.uuid4()}"
@@ -848,8 +847,9 @@ class LocalStack:
             function_urls={function: urls[url] for function, url in url_targets.items()},
             credentials=admin,
         )
-        if self.enforce_iam:
-            self.moto.enforce_iam()
+        # IAM is judged by the gateway alone, with IAM's own action names: moto's authorization stays off (it maps
+        # requests to actions differently from one release to the next; see aws_gateway).
+        self.gateway.refuse_unknown_keys = self.enforce_iam
         self.log_dir = self.log_dir or Path(os.environ.get("KONTEXT_LOG_DIR") or (ROOT / "out" / "local-stack" / self.resources.stack.name))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         read_only = build if read_only_mounts_available() else None
@@ -1054,12 +1054,12 @@ class LocalStack:
 
     def free_all_slots(self) -> int:
         """Free every admission slot: for tests that reset the emulator, after which fal holds nothing."""
-        ddb = self.client("dynamodb")
+        table = Table(self.client("dynamodb"), self.resources.table)
         freed = 0
         for slot in range(int(self.resources.stack.parameters.get("MaxJobsAtFal", "0"))):
-            item = ddb.get_item(TableName=self.resources.table, Key={"job_id": {"S": f"_slot#{slot}"}}).get("Item")
+            item = table.get_item(Key=table_keys.slot(slot)).get("Item")
             if item and "holder_job" in item:
-                ddb.delete_item(TableName=self.resources.table, Key={"job_id": {"S": f"_slot#{slot}"}})
+                table.client.delete_item(TableName=table.name, Key={table_keys.KEY: {"S": item[table_keys.KEY]}})
                 freed += 1
         return freed
 

@@ -33,13 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from kontext_s3 import table_keys
 from kontext_s3.log import logger
 
 if TYPE_CHECKING:
     from kontext_s3.dynamo import TableLike
-
-SLOT_PREFIX = "_slot#"
-BUDGET_PREFIX = "_budget#"
 
 
 @dataclass(frozen=True)
@@ -110,7 +108,7 @@ class Admission:
             return False
         try:
             self._table.update_item(
-                Key={"job_id": f"{SLOT_PREFIX}{slot}"},
+                Key=table_keys.slot(slot),
                 UpdateExpression="REMOVE holder_job, taken_at_ms",
                 ConditionExpression="holder_job = :job",
                 ExpressionAttributeValues={":job": job_id},
@@ -126,7 +124,7 @@ class Admission:
         if day is None or images <= 0:
             return
         self._table.update_item(
-            Key={"job_id": f"{BUDGET_PREFIX}{day}"},
+            Key=table_keys.budget(day),
             UpdateExpression="ADD used :minus",
             ExpressionAttributeValues={":minus": -images},
         )
@@ -136,15 +134,15 @@ class Admission:
     def holders(self) -> dict[int, str]:
         """Which job holds each slot now."""
         held: dict[int, str] = {}
-        keys = [{"job_id": f"{SLOT_PREFIX}{slot}"} for slot in range(self.max_jobs_at_fal)]
+        keys = [table_keys.slot(slot) for slot in range(self.max_jobs_at_fal)]
         for start in range(0, len(keys), 100):  # BatchGetItem reads up to 100 keys
             for item in self._table.batch_get(keys[start : start + 100]):
                 if item.get("holder_job"):
-                    held[int(str(item["job_id"]).removeprefix(SLOT_PREFIX))] = str(item["holder_job"])
+                    held[table_keys.slot_number(str(item[table_keys.KEY]))] = str(item["holder_job"])
         return held
 
     def used_today(self) -> int:
-        item = self._table.get_item(Key={"job_id": f"{BUDGET_PREFIX}{self.today()}"}, ConsistentRead=True).get("Item")
+        item = self._table.get_item(Key=table_keys.budget(self.today()), ConsistentRead=True).get("Item")
         return int(item.get("used", 0)) if item else 0
 
     def reclaim(self, still_needs_slot: Callable[[str, int], bool]) -> list[int]:
@@ -161,7 +159,7 @@ class Admission:
     def _charge(self, day: str, images: int) -> bool:
         try:
             self._table.update_item(
-                Key={"job_id": f"{BUDGET_PREFIX}{day}"},
+                Key=table_keys.budget(day),
                 UpdateExpression="ADD used :n SET expires_at = if_not_exists(expires_at, :expires)",
                 # A condition cannot add: "used + n <= budget" is written "used <= budget - n".
                 ConditionExpression="attribute_not_exists(used) OR used <= :room",
@@ -192,7 +190,7 @@ class Admission:
                 continue
             try:
                 self._table.update_item(
-                    Key={"job_id": f"{SLOT_PREFIX}{slot}"},
+                    Key=table_keys.slot(slot),
                     UpdateExpression="SET holder_job = :job, taken_at_ms = :at",
                     ConditionExpression="attribute_not_exists(holder_job)",
                     ExpressionAttributeValues={":job": job_id, ":at": int(self._clock() * 1000)},

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
 
+from kontext_s3 import table_keys
 from kontext_s3.jobs import iso, now_ms
 
 if TYPE_CHECKING:
     from kontext_s3.dynamo import TableLike
-
-PIN_ID = "_fal-account"
 
 
 class FalAccount:
@@ -31,7 +30,7 @@ class FalAccount:
 
     def pinned(self) -> str | None:
         if self._known is None:
-            item = self._table.get_item(Key={"job_id": PIN_ID}, ConsistentRead=True).get("Item")
+            item = self._table.get_item(Key=table_keys.fal_account(), ConsistentRead=True).get("Item")
             self._known = str(item["fal_user_id"]) if item else None
         return self._known
 
@@ -44,7 +43,7 @@ class FalAccount:
             return False
         try:
             self._table.put_item(
-                Item={"job_id": PIN_ID, "fal_user_id": user_id, "pinned_at": iso(now_ms())},
+                Item={**table_keys.fal_account(), "fal_user_id": user_id, "pinned_at": iso(now_ms())},
                 ConditionExpression="attribute_not_exists(job_id)",
             )
         except ClientError as exc:

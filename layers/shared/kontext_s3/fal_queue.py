@@ -61,6 +61,19 @@ class FalUnavailable(FalError):
     """Transient faults until the deadline."""
 
 
+class FalKeyMissing(RuntimeError):
+    """The fal key secret exists but holds no key: a first deploy before the operator stored it, or an empty value.
+
+    Nothing is sent; the upload is kept (retried, then a retryable error record) until the key is stored.
+    """
+
+    def __init__(self, secret: str, why: str) -> None:
+        super().__init__(
+            f"the fal key is not stored: the secret {secret} {why}; store it with "
+            f"aws secretsmanager put-secret-value --secret-id {secret} --secret-string 'KEY_ID:KEY_SECRET'"
+        )
+
+
 @dataclass(frozen=True)
 class QueuedRequest:
     request_id: str

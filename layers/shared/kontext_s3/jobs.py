@@ -50,12 +50,12 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, Field
 
+from kontext_s3 import table_keys
+
 if TYPE_CHECKING:
     from kontext_s3.dynamo import TableLike
 
 OPEN_JOBS_INDEX = "open-jobs"
-#: Items ``_upload#<upload id>`` list the jobs of one upload (one per edit) for those who know only the upload.
-UPLOAD_PREFIX = "_upload#"
 #: Partitions per open state in the index; a job's shard comes from its id.
 OPEN_SHARDS = 8
 NOTIFY = "NOTIFY"
@@ -297,7 +297,7 @@ class JobStore:
         at = now_ms()
         if upload_id is not None and upload_id != job_id:
             self._table.update_item(
-                Key={"job_id": f"{UPLOAD_PREFIX}{upload_id}"},
+                Key=table_keys.upload(upload_id),
                 UpdateExpression="ADD job_ids :ids SET expires_at = :expires",  # lives as long as its newest job
                 ExpressionAttributeValues={":ids": {job_id}, ":expires": at // 1000 + self._ttl_seconds},
             )
@@ -343,7 +343,7 @@ class JobStore:
 
     def jobs_of_upload(self, upload_id: str) -> list[Job]:
         """Every job of one upload (its first, and one per changed edit), oldest first."""
-        item = self._table.get_item(Key={"job_id": f"{UPLOAD_PREFIX}{upload_id}"}, ConsistentRead=True).get("Item") or {}
+        item = self._table.get_item(Key=table_keys.upload(upload_id), ConsistentRead=True).get("Item") or {}
         ids = sorted({upload_id, *(str(job_id) for job_id in item.get("job_ids", ()))})
         jobs = [job for job_id in ids if (job := self.get(job_id)) is not None]
         return sorted(jobs, key=lambda job: (job.arrived_at_ms or 0, job.created_at))

@@ -43,8 +43,9 @@ from botocore.exceptions import ClientError
 
 from kontext_s3.admission import Admission, Admitted, Wait, is_dispatch
 from kontext_s3.completion import JobFinisher
+from kontext_s3.delivery_failures import DeliveryFailure, DeliveryFailures
 from kontext_s3.edit_request import InvalidEditRequest, build_model_input
-from kontext_s3.fal_queue import Accepted, FalQueueClient, NotEnqueued, Refused, SubmitOutcome, Unknown, summarize_detail
+from kontext_s3.fal_queue import Accepted, FalKeyMissing, FalQueueClient, NotEnqueued, Refused, SubmitOutcome, Unknown, summarize_detail
 from kontext_s3.input_image import InputImages, RefusedInput, missing, version_args
 from kontext_s3.job_id import derive_job_id, edit_mark
 from kontext_s3.jobs import Job, JobConflict, JobState, JobStore, new_holder, now_ms
@@ -163,6 +164,7 @@ class Submitter:
         admission: Admission | None = None,
         slot_freed: Callable[[], None] | None = None,
         send_later: Callable[[str, int], None] | None = None,
+        failures: DeliveryFailures | None = None,
     ) -> None:
         if not settings.webhook_url:
             raise ValueError("WEBHOOK_URL is not set: fal would have nowhere to report results")
@@ -184,6 +186,7 @@ class Submitter:
         self._send_later = send_later
         self._layout = OutputLayout(settings.input_prefix, settings.output_prefix)
         self._images = InputImages(s3, settings)
+        self._failures = failures
 
     def handle_message(self, body: str, *, message_id: str, receive_count: int, deadline: float) -> list[ChangeResult]:
         """Handle one SQS message body. Raises :class:`RetryLater` (or any error) to have it retried."""
@@ -219,6 +222,18 @@ class Submitter:
                 raise
         return results
 
+    def _failed_delivery(self, change: ObjectChange, exc: Exception, receive_count: int) -> None:
+        """Tell whoever follows the upload, within seconds, why this delivery failed (see ``delivery_failures``)."""
+        if self._failures is None:
+            return
+        try:
+            upload_id = derive_job_id(change.bucket, change.key, change.version_id, change.etag, change.sequencer or change.event_time)
+        except ValueError:
+            return  # an event that names no upload: its log line is all there is
+        cause = exc.__cause__ if isinstance(exc, RetryLater) and exc.__cause__ is not None else exc
+        failure = DeliveryFailure.of(change.key, cause, delivery=receive_count, max_deliveries=self._settings.max_receive_count)
+        self._failures.record(upload_id, failure)
+
     def handle_change(self, change: ObjectChange, *, receive_count: int, deadline: float, intent: _Intent | None = None) -> ChangeResult:
         logger.thread_safe_append_keys(object_key=change.key, bucket=change.bucket)
         try:
@@ -241,6 +256,9 @@ class Submitter:
             if not change.version_id:
                 change = replace(change, version_id=self._resolve_version(change))
             return self._handle_upload(change, intent or _Intent(), receive_count=receive_count, deadline=deadline)
+        except Exception as exc:
+            self._failed_delivery(change, exc, receive_count)
+            raise
         finally:
             logger.thread_safe_remove_keys(["object_key", "bucket", "job_id"])
 
@@ -271,7 +289,9 @@ class Submitter:
         except _UserError as exc:
             return self._fail_validation(job, holder, exc)
         except Exception as exc:
-            return self._retry_later(job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False)
+            return self._retry_later(
+                job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False, cause=exc
+            )
         return self._take_turn(job, holder, prepared, receive_count=receive_count, deadline=deadline, in_line=False)
 
     def _refuse(self, change: ObjectChange, exc: _UserError, deadline: float) -> ChangeResult:
@@ -295,7 +315,7 @@ class Submitter:
         held = self._hold(change, None, deadline)
         if isinstance(held, ChangeResult):
             return held
-        return self._retry_later(*held, receive_count, reason, code="retries_exhausted", sent=False)
+        return self._retry_later(*held, receive_count, reason, code="retries_exhausted", sent=False, cause=exc)
 
     def _hold(self, change: ObjectChange, edit: dict[str, Any] | None, deadline: float) -> tuple[Job, str] | ChangeResult:
         """Create the job for this upload and edit, held by us, or take it up again; a :class:`ChangeResult` when it
@@ -365,7 +385,9 @@ class Submitter:
             if in_line:  # it has no message to retry it: back in line, then the fault is reported
                 self._put_back(job, holder, prepared, Wait("slot"))
                 raise
-            return self._retry_later(job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False)
+            return self._retry_later(
+                job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False, cause=exc
+            )
         if isinstance(decision, Wait):
             self._put_back(job, holder, prepared, decision)
             logger.info(decision.sentence(), extra={"wait_reason": decision.reason})
@@ -511,7 +533,10 @@ class Submitter:
             if in_line:
                 self._put_back(job, holder, prepared, Wait("slot"))
                 return ChangeResult(Outcome.WAITING, job.key, job.job_id, reason)
-            return self._retry_later(job, holder, receive_count, reason, code="retries_exhausted", sent=False)
+            code = "fal_key_missing" if isinstance(exc, FalKeyMissing) else "retries_exhausted"
+            if isinstance(exc, FalKeyMissing):
+                reason = str(exc)  # the whole sentence is the news: it names the secret and the command that stores it
+            return self._retry_later(job, holder, receive_count, reason, code=code, sent=False, cause=exc)
         try:
             sending = self._jobs.begin_send(
                 job.job_id,
@@ -730,7 +755,16 @@ class Submitter:
         return url, max(2, expiry - min(60, expiry // 2))
 
     def _retry_later(
-        self, job: Job, holder: str, receive_count: int, reason: str, *, code: str, sent: bool, attempts: int = 0
+        self,
+        job: Job,
+        holder: str,
+        receive_count: int,
+        reason: str,
+        *,
+        code: str,
+        sent: bool,
+        attempts: int = 0,
+        cause: Exception | None = None,
     ) -> ChangeResult:
         """Nothing is at fal: give the job back for the next delivery, or fail it retryably on the last one."""
         reason = redact(reason)
@@ -753,7 +787,7 @@ class Submitter:
                 "transient fault: the message will be retried",
                 extra={"reason": reason, "receive_count": receive_count, "fal_attempts": attempts},
             )
-        raise RetryLater(reason)
+        raise RetryLater(reason) from cause
 
 
 def _arrival(change: ObjectChange) -> datetime:

@@ -21,8 +21,9 @@ from botocore.config import Config
 
 from kontext_s3.admission import Admission, DispatchSignal
 from kontext_s3.completion import JobFinisher, MediaPolicy
+from kontext_s3.delivery_failures import DeliveryFailures
 from kontext_s3.dynamo import Table
-from kontext_s3.fal_queue import FalQueueClient
+from kontext_s3.fal_queue import FalKeyMissing, FalQueueClient
 from kontext_s3.jobs import JobStore
 from kontext_s3.notifications import JobEvents
 from kontext_s3.output_store import OutputLayout
@@ -66,6 +67,10 @@ def s3_client() -> Any:
 
 def job_store(settings: Settings) -> JobStore:
     return JobStore(Table(lazy(lambda: boto3.client("dynamodb", config=aws_config())), settings.jobs_table), ttl_days=settings.job_ttl_days)
+
+
+def delivery_failures(settings: Settings, jobs: JobStore) -> DeliveryFailures:
+    return DeliveryFailures(jobs.table, ttl_days=settings.job_ttl_days)
 
 
 def job_events(settings: Settings) -> JobEvents:
@@ -113,14 +118,24 @@ def fal_key_reader(settings: Settings) -> Callable[[], str]:
     provider: list[Any] = []
 
     def read() -> str:
-        if not provider:
-            from aws_lambda_powertools.utilities.parameters import SecretsProvider  # noqa: PLC0415 - only when a key is needed
+        # Imported only when a key is needed: most invocations never read it, and the import costs a cold start.
+        from aws_lambda_powertools.utilities.parameters import GetParameterError, SecretsProvider  # noqa: PLC0415
 
+        if not provider:
             provider.append(SecretsProvider(boto3_client=boto3.client("secretsmanager", config=aws_config())))
-        value = str(provider[0].get(settings.fal_key_secret, max_age=settings.fal_key_cache_seconds))
+        try:
+            value = str(provider[0].get(settings.fal_key_secret, max_age=settings.fal_key_cache_seconds))
+        except GetParameterError as exc:
+            # The template creates the secret without a value: until the operator stores the key it has no AWSCURRENT
+            # version, and Secrets Manager answers ResourceNotFoundException (as for a secret that does not exist).
+            if "ResourceNotFoundException" in str(exc):
+                raise FalKeyMissing(settings.fal_key_secret, "has no value" if "staging label" in str(exc) else "does not exist") from exc
+            raise
         if value.lstrip().startswith("{"):
             document = json.loads(value)
             value = document.get("FAL_KEY") or document.get("key") or ""
+        if not value.strip():
+            raise FalKeyMissing(settings.fal_key_secret, "is empty")
         return value.strip()
 
     return read

@@ -305,7 +305,7 @@ class FalEmulator:
         answer: dict[str, Any] = {"status": request.status, "request_id": request_id, **self._urls(request)}
         if request.status == "IN_QUEUE":
             answer["queue_position"] = self.queue.position(request_id) or 0
-        else:  # fal sends the logs only when asked (?logs=1), and null otherwise
+        else:  # fal sends the logs only when asked (?logs=1; fal-client asks ?logs=true), and null otherwise
             answer["logs"] = list(request.logs) if logs else None
         if request.status == "COMPLETED":
             answer["metrics"] = {"inference_time": request.inference_time} if request.inference_time is not None else {}
@@ -440,6 +440,14 @@ class FalEmulator:
     def _fetch_input(self, url: str) -> bytes:
         if url.startswith("data:"):
             return base64.b64decode(url.split(",", 1)[1])
+        parts = urlsplit(url)
+        if (parts.hostname or "").endswith(".fal.media"):
+            # fal's own media store (the model page's examples use it): what fal would find there is what was hosted.
+            with self._lock:
+                found = self.files.get(parts.path.lstrip("/"))
+            if found is None:
+                raise _InputFetchError("HTTP 404")
+            return found[0]
         try:
             response = self._http.get(url)
         except httpx.HTTPError as exc:
@@ -609,7 +617,7 @@ def _make_handler(emulator: FalEmulator) -> type[BaseHTTPRequestHandler]:
                 index = parts.index("requests")
                 tail = parts[index + 1 :]
                 if method == "GET" and len(tail) == 2 and tail[1] == "status":
-                    logs = parse_qs(url.query).get("logs", ["0"])[0] == "1"
+                    logs = parse_qs(url.query).get("logs", ["0"])[0].lower() in ("1", "true")
                     return self._send(*emulator.status(tail[0], logs=logs))
                 if method == "GET" and len(tail) == 1:
                     status, payload = emulator.result(tail[0])
