@@ -21,8 +21,8 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from kontext_s3 import wiring
+from kontext_s3.cancellation import Cancellation
 from kontext_s3.log import logger
-from kontext_s3.recovery import Cancellation
 from kontext_s3.settings import Settings
 from kontext_s3.submit import ChangeResult, Outcome, Submitter
 

@@ -86,6 +86,15 @@ class Admission:
 
     # -- taking and giving back -------------------------------------------------------------
 
+    def never_admits(self, images: int) -> str | None:
+        """Why a request of ``images`` can never be admitted (more than a whole day's budget), or None."""
+        if 0 < self.daily_image_budget < images:
+            return (
+                f"the edit asks for {images} images, more than the whole daily budget of {self.daily_image_budget} "
+                "(DailyImageBudget): it could never be sent; ask fewer images (num_images) or raise the budget"
+            )
+        return None
+
     def admit(self, job_id: str, images: int) -> Admitted | Wait:
         """A slot and the day's images for ``job_id``, or why it must wait (nothing is held then)."""
         day = None
@@ -161,10 +170,12 @@ class Admission:
             self._table.update_item(
                 Key=table_keys.budget(day),
                 UpdateExpression="ADD used :n SET expires_at = if_not_exists(expires_at, :expires)",
-                # A condition cannot add: "used + n <= budget" is written "used <= budget - n".
-                ConditionExpression="attribute_not_exists(used) OR used <= :room",
+                # A condition cannot add: "used + n <= budget" is written "used <= budget - n"; the day's first charge
+                # (no "used" yet) must fit the budget too.
+                ConditionExpression="(attribute_not_exists(used) AND :n <= :budget) OR used <= :room",
                 ExpressionAttributeValues={
                     ":n": images,
+                    ":budget": self.daily_image_budget,
                     ":room": self.daily_image_budget - images,
                     ":expires": int(self._clock()) + 8 * 86400,
                 },

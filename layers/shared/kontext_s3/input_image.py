@@ -50,6 +50,16 @@ class InputImages:
         self._s3 = s3
         self._settings = settings
 
+    def still_there(self, bucket: str, key: str, version_id: str | None) -> bool:
+        """Whether the uploaded version can still be read (a job waiting in line checks before it is sent)."""
+        try:
+            self._s3.head_object(Bucket=bucket, Key=key, **({"VersionId": version_id} if version_id else {}))  # type: ignore[arg-type]
+        except ClientError as exc:
+            if missing(exc):
+                return False
+            raise
+        return True
+
     def examine(self, change: ObjectChange, output_prefix: str, body: dict[str, Any]) -> SeenImage:
         header, size = self._header(change)
         upright = header.upright_size

@@ -34,15 +34,13 @@ from typing import TYPE_CHECKING
 from kontext_s3.admission import Admission
 from kontext_s3.completion import DeliveryFault, JobFinisher
 from kontext_s3.fal_queue import FalError, FalQueueClient, FalRejected
-from kontext_s3.job_id import derive_job_id
 from kontext_s3.jobs import AT_FAL, NOTIFY, Job, JobState, JobStore, now_ms
 from kontext_s3.log import logger
 from kontext_s3.notifications import NotificationError
 from kontext_s3.redact import redact
-from kontext_s3.s3_events import ObjectChange
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+    pass
 
 #: How often a SENDING job is looked at for a lapsed hold, and an unpublished event retried.
 _SHORT_CHECK_MS = 60_000
@@ -301,69 +299,6 @@ class Recovery:
         return "notified"
 
 
-class Cancellation:
-    """Deleting an input cancels its jobs that fal has not started yet."""
-
-    def __init__(self, *, s3: S3Client, jobs: JobStore, fal: FalQueueClient, finisher: JobFinisher) -> None:
-        self._s3 = s3
-        self._jobs = jobs
-        self._fal = fal
-        self._finisher = finisher
-
-    def input_removed(self, change: ObjectChange, *, deadline: float) -> list[str]:
-        """Cancel the open jobs of the removed object; returns the ids of jobs cancelled."""
-        cancelled = []
-        jobs = [
-            job
-            for version in self._removed_versions(change)
-            for job in self._jobs.jobs_of_upload(derive_job_id(change.bucket, change.key, version))
-        ]
-        for job in jobs:  # each version's first job and its re-runs after changed tags
-            if job.state not in AT_FAL or not job.cancel_url:
-                continue
-            claim = self._finisher.claim(job.job_id, deadline=deadline)
-            if claim is None:
-                continue  # its webhook (or recovery) is finishing it
-            try:
-                cancelled_at_fal = self._fal.cancel(job.cancel_url, deadline=deadline)
-            except FalRejected as exc:
-                self._finisher.let_go(claim)
-                # fal does not know the request (404): nothing to cancel; recovery settles the job.
-                logger.warning("input deleted, but fal refused the cancel", extra={"job_id": job.job_id, "reason": str(exc)})
-                continue
-            except FalError:
-                self._finisher.let_go(claim)
-                raise
-            if not cancelled_at_fal:
-                self._finisher.let_go(claim)
-                logger.info("input deleted, but fal had already started the request: it runs to the end", extra={"job_id": job.job_id})
-                continue
-            self._finisher.fail(
-                claim.job,
-                claim.holder,
-                stage="fal",
-                code="cancelled",
-                message="the input object was deleted before fal started the request, so the request was cancelled",
-                fal={"request_id": job.request_id},
-                took_over=claim.took_over,
-                never_ran=True,
-            )
-            cancelled.append(job.job_id)
-        return cancelled
-
-    def _removed_versions(self, change: ObjectChange) -> list[str]:
-        """Which versions a removal is about.
-
-        ``ObjectRemoved:Delete`` on a versioned bucket names the version deleted. A
-        plain delete (``DeleteMarkerCreated``) names the new delete marker, so every
-        version of the key is looked up: the user deleted the object, all of it.
-        """
-        if change.event_name == "ObjectRemoved:Delete" and change.version_id:
-            return [change.version_id]
-        listing = self._s3.list_object_versions(Bucket=change.bucket, Prefix=change.key)
-        return [v["VersionId"] for v in listing.get("Versions", []) if v.get("Key") == change.key and v.get("VersionId")]
-
-
 def _ms(iso_time: str) -> int:
     return int(datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp() * 1000)
 
@@ -374,4 +309,4 @@ def _outcome(ended: Job | None) -> str:
     return "completed" if ended.state is JobState.COMPLETED else "failed"
 
 
-__all__ = ["Cancellation", "Recovery", "RecoveryReport"]
+__all__ = ["Recovery", "RecoveryReport"]

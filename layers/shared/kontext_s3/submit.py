@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from kontext_s3.admission import Admission, Admitted, Wait, is_dispatch
+from kontext_s3.cancellation import Cancellation
 from kontext_s3.completion import JobFinisher
 from kontext_s3.delivery_failures import DeliveryFailure, DeliveryFailures
 from kontext_s3.edit_request import InvalidEditRequest, build_model_input
@@ -53,7 +54,6 @@ from kontext_s3.log import logger
 from kontext_s3.model_schema import MATCH_INPUT, FieldProblem
 from kontext_s3.output_store import OutputLayout, has_dot_segments
 from kontext_s3.recipes import InvalidRecipe, Recipe, RecipeBook, is_recipe
-from kontext_s3.recovery import Cancellation
 from kontext_s3.redact import redact
 from kontext_s3.s3_events import MalformedNotification, ObjectChange, notification, parse_notification, stack_marks
 from kontext_s3.settings import Settings
@@ -81,6 +81,8 @@ class ChangeResult:
     detail: str = ""
     #: POSTs this change made to fal (retries included).
     fal_attempts: int = 0
+    #: Admission said wait (no slot, or no budget today): the line stops here until a slot is freed.
+    line_full: bool = False
 
 
 class RetryLater(RuntimeError):
@@ -379,6 +381,10 @@ class Submitter:
 
     def _take_turn(self, job: Job, holder: str, prepared: _Prepared, *, receive_count: int, deadline: float, in_line: bool) -> ChangeResult:
         """Send the job if admission grants it a slot and the day's images; else it waits in line (nothing is failed)."""
+        never = self._admission.never_admits(prepared.images) if self._admission else None
+        if never:  # it would wait for ever: a request larger than a whole day's budget
+            self._finisher.fail(job, holder, stage="admission", code="over_daily_budget", message=never)
+            return ChangeResult(Outcome.FAILED, job.key, job.job_id, never)
         try:
             decision = self._admission.admit(job.job_id, prepared.images) if self._admission else Admitted(None, None, prepared.images)
         except Exception as exc:
@@ -391,7 +397,7 @@ class Submitter:
         if isinstance(decision, Wait):
             self._put_back(job, holder, prepared, decision)
             logger.info(decision.sentence(), extra={"wait_reason": decision.reason})
-            return ChangeResult(Outcome.WAITING, job.key, job.job_id, decision.reason)
+            return ChangeResult(Outcome.WAITING, job.key, job.job_id, decision.reason, line_full=True)
         return self._send(job, holder, prepared, decision, receive_count=receive_count, deadline=deadline, in_line=in_line)
 
     def _dispatch_coalesced(self, *, deadline: float) -> list[ChangeResult]:
@@ -434,6 +440,12 @@ class Submitter:
                 continue  # another dispatcher took it
             logger.thread_safe_append_keys(job_id=job.job_id, object_key=job.key)
             try:
+                if not self._images.still_there(job.bucket, job.key, job.version_id):
+                    # Deleted while it waited: cancelled here, never sent (Cancellation may have found it taken).
+                    message = "the input object was deleted while the upload waited for its turn; nothing was sent"
+                    self._finisher.fail(job, holder, stage="submit", code="cancelled", message=message, never_ran=True)
+                    results.append(ChangeResult(Outcome.CANCELLED, job.key, job.job_id, "input deleted while waiting"))
+                    continue
                 body = json.loads(job.input_json or "{}")
                 prepared = _Prepared(
                     body=body,
@@ -446,7 +458,7 @@ class Submitter:
             finally:
                 logger.thread_safe_remove_keys(["job_id", "object_key"])
             results.append(result)
-            if result.outcome is Outcome.WAITING:
+            if result.line_full:
                 break  # no slot (or no budget) left: the next freed slot signals again
         return results
 
@@ -515,10 +527,21 @@ class Submitter:
     def _recipe_for(self, change: ObjectChange, intent: _Intent) -> Recipe | None:
         # The recipe as it stood when the upload arrived; for a backfill, as it stands now (written for it).
         try:
-            return self._recipes.for_upload(change.key, intent.recipe_at or _arrival(change))
+            return self._recipes.for_upload(change.key, intent.recipe_at or self._arrival(change))
         except InvalidRecipe as exc:
             recipe = {"key": exc.key, "version_id": exc.version_id}
             raise _UserError("invalid_recipe", f"{exc}; fix the recipe and upload again", exc.problems, recipe) from exc
+
+    def _arrival(self, change: ObjectChange) -> datetime:
+        """When the upload arrived: its event's time, or for a tag event, when the tagged version was written.
+
+        A tag event comes when the tags change, maybe long after the upload; its edit is still the one that stood
+        when the upload arrived (a recipe changed since, or a bulk re-tag of a folder, asks nothing new).
+        """
+        if not change.tagged:
+            return _event_arrival(change)
+        head = self._s3.head_object(**version_args(change))  # type: ignore[arg-type]
+        return head["LastModified"]
 
     def _send(
         self, job: Job, holder: str, prepared: _Prepared, admitted: Admitted, *, receive_count: int, deadline: float, in_line: bool
@@ -530,8 +553,13 @@ class Submitter:
         except Exception as exc:  # nothing has been sent yet
             self._give_back(job.job_id, admitted)
             reason = f"{type(exc).__name__}: {exc}"
-            if in_line:
+            if isinstance(exc, ClientError) and missing(exc):  # its input is gone (a data URI reads it): nothing to wait for
+                message = "the input object was deleted before it could be sent; nothing was sent"
+                self._finisher.fail(job, holder, stage="submit", code="input_missing", message=message)
+                return ChangeResult(Outcome.FAILED, job.key, job.job_id, message)
+            if in_line:  # back in its place; the line goes on past it (only a full house stops the line)
                 self._put_back(job, holder, prepared, Wait("slot"))
+                logger.warning("could not send a waiting upload; it is back in line", extra={"reason": redact(reason)})
                 return ChangeResult(Outcome.WAITING, job.key, job.job_id, reason)
             code = "fal_key_missing" if isinstance(exc, FalKeyMissing) else "retries_exhausted"
             if isinstance(exc, FalKeyMissing):
@@ -790,7 +818,7 @@ class Submitter:
         raise RetryLater(reason) from cause
 
 
-def _arrival(change: ObjectChange) -> datetime:
+def _event_arrival(change: ObjectChange) -> datetime:
     """When S3 says the upload happened (the event's time); now, if the event's time cannot be read."""
     return _arrival_at(change.event_time) or datetime.now(UTC)
 

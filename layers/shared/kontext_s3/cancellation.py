@@ -1,0 +1,99 @@
+"""Deleting an input cancels what it would still cost: the requests fal has not started, and the uploads still in line.
+
+A request fal already runs is left to finish (fal bills it either way); its
+outputs are written as usual. A job waiting in line holds no slot and nothing
+at fal, so it is simply ended with a ``cancelled`` record.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from kontext_s3.completion import JobFinisher
+from kontext_s3.fal_queue import FalError, FalQueueClient, FalRejected
+from kontext_s3.job_id import derive_job_id
+from kontext_s3.jobs import AT_FAL, Job, JobState, JobStore, new_holder
+from kontext_s3.log import logger
+from kontext_s3.s3_events import ObjectChange
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+class Cancellation:
+    """Deleting an input cancels its jobs that fal has not started yet, and those still waiting for their turn."""
+
+    def __init__(self, *, s3: S3Client, jobs: JobStore, fal: FalQueueClient, finisher: JobFinisher) -> None:
+        self._s3 = s3
+        self._jobs = jobs
+        self._fal = fal
+        self._finisher = finisher
+
+    def input_removed(self, change: ObjectChange, *, deadline: float) -> list[str]:
+        """Cancel the open jobs of the removed object; returns the ids of jobs cancelled."""
+        cancelled = []
+        jobs = [
+            job
+            for version in self._removed_versions(change)
+            for job in self._jobs.jobs_of_upload(derive_job_id(change.bucket, change.key, version))
+        ]
+        for job in jobs:  # each version's first job and its re-runs after changed tags
+            if job.state is JobState.WAITING:
+                if self._cancel_waiting(job, deadline):
+                    cancelled.append(job.job_id)
+                continue
+            if job.state not in AT_FAL or not job.cancel_url:
+                continue
+            claim = self._finisher.claim(job.job_id, deadline=deadline)
+            if claim is None:
+                continue  # its webhook (or recovery) is finishing it
+            try:
+                cancelled_at_fal = self._fal.cancel(job.cancel_url, deadline=deadline)
+            except FalRejected as exc:
+                self._finisher.let_go(claim)
+                # fal does not know the request (404): nothing to cancel; recovery settles the job.
+                logger.warning("input deleted, but fal refused the cancel", extra={"job_id": job.job_id, "reason": str(exc)})
+                continue
+            except FalError:
+                self._finisher.let_go(claim)
+                raise
+            if not cancelled_at_fal:
+                self._finisher.let_go(claim)
+                logger.info("input deleted, but fal had already started the request: it runs to the end", extra={"job_id": job.job_id})
+                continue
+            self._finisher.fail(
+                claim.job,
+                claim.holder,
+                stage="fal",
+                code="cancelled",
+                message="the input object was deleted before fal started the request, so the request was cancelled",
+                fal={"request_id": job.request_id},
+                took_over=claim.took_over,
+                never_ran=True,
+            )
+            cancelled.append(job.job_id)
+        return cancelled
+
+    def _cancel_waiting(self, job: Job, deadline: float) -> bool:
+        """A job waiting in line was never sent: take it from the line and end it. A dispatcher that took it first
+        checks the input before it sends (``submit``), so it is cancelled there instead."""
+        holder = new_holder()
+        hold_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + 10_000
+        taken = self._jobs.take_waiting(job.job_id, holder=holder, hold_ms=hold_ms)
+        if taken is None:
+            return False
+        message = "the input object was deleted while the upload waited for its turn; nothing was sent"
+        return self._finisher.fail(taken, holder, stage="submit", code="cancelled", message=message, never_ran=True) is not None
+
+    def _removed_versions(self, change: ObjectChange) -> list[str]:
+        """Which versions a removal is about.
+
+        ``ObjectRemoved:Delete`` on a versioned bucket names the version deleted. A
+        plain delete (``DeleteMarkerCreated``) names the new delete marker, so every
+        version of the key is looked up: the user deleted the object, all of it.
+        """
+        if change.event_name == "ObjectRemoved:Delete" and change.version_id:
+            return [change.version_id]
+        listing = self._s3.list_object_versions(Bucket=change.bucket, Prefix=change.key)
+        return [v["VersionId"] for v in listing.get("Versions", []) if v.get("Key") == change.key and v.get("VersionId")]

@@ -1,0 +1,149 @@
+"""An upload is paid for at most once, and one that can no longer be sent is ended with a record, never left behind.
+
+Each test drives the real handlers (loaded as a cold start loads them) against moto and the fal emulator over
+sockets, and counts what fal received: every request fal accepted is a paid one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from types import ModuleType
+from typing import Any
+
+from kontext_s3.admission import DISPATCH, Admission, Wait
+from kontext_s3.jobs import JobState
+from tests.world import World, world
+
+__all__ = ["world"]
+
+RECIPE = "inputs/dam/_kontext.json"
+
+
+def deliver_queue(world: World, submit: ModuleType) -> int:
+    """Every message in the uploads queue, once, as Lambda would deliver it; returns how many."""
+    delivered = 0
+    while messages := world.aws.receive(wait=1):
+        for message in messages:
+            world.deliver(submit, message)
+            world.aws.sqs.delete_message(QueueUrl=world.aws.resources.queue_url, ReceiptHandle=message["ReceiptHandle"])
+            delivered += 1
+    return delivered
+
+
+def dispatch(world: World, submit: ModuleType) -> None:
+    """The signal that a slot is free, as the webhook sends it."""
+    world.deliver(submit, {"MessageId": "dispatch", "ReceiptHandle": "r", "Body": json.dumps(DISPATCH), "Attributes": {}})
+
+
+def removal_of(world: World, version: str) -> dict[str, Any]:
+    """The ObjectRemoved event of a versioned delete, naming the version as S3 does (moto does not)."""
+    message = world.upload_event()
+    body = json.loads(message["Body"])
+    body["Records"][0]["s3"]["object"]["versionId"] = version
+    return {**message, "Body": json.dumps(body)}
+
+
+def full_house(world: World, submit: ModuleType) -> str:
+    """One upload at fal (30 s in its queue) holding the only slot; returns its job id."""
+    world.emulator.set_faults(queue_ms=30_000)
+    version = world.upload("inputs/at-fal.jpg")
+    assert world.deliver(submit, world.upload_event()) == []
+    job = world.job("inputs/at-fal.jpg", version)
+    assert job.state is JobState.SUBMITTED and job.slot == 0
+    return job.job_id
+
+
+def free_the_slot(world: World, holder: str) -> None:
+    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(holder, 0)
+
+
+def test_a_tag_that_asks_no_edit_put_after_the_folders_recipe_changed_runs_nothing(world: World) -> None:
+    submit = world.submit(TAG_WAIT_SECONDS="0")
+    world.aws.s3.put_object(Bucket=world.aws.resources.bucket, Key=RECIPE, Body=json.dumps({"prompt": "the recipe then"}).encode())
+    time.sleep(1.1)  # S3's LastModified is to the second: the upload comes strictly after the recipe
+    version = world.upload("inputs/dam/a.jpg", tags={})
+    deliver_queue(world, submit)
+    assert [s["body"]["prompt"] for s in world.emulator.submits()] == ["the recipe then"]
+
+    time.sleep(1.1)
+    world.aws.s3.put_object(Bucket=world.aws.resources.bucket, Key=RECIPE, Body=json.dumps({"prompt": "the recipe now"}).encode())
+    # A bulk re-tag (cost tags, a DAM): no edit field among the tags.
+    world.aws.s3.put_object_tagging(
+        Bucket=world.aws.resources.bucket,
+        Key="inputs/dam/a.jpg",
+        VersionId=version,
+        Tagging={"TagSet": [{"Key": "owner", "Value": "team-a"}]},
+    )
+    deliver_queue(world, submit)
+    assert [s["body"]["prompt"] for s in world.emulator.submits()] == ["the recipe then"]  # one paid request
+    assert len(world.jobs_of_upload("inputs/dam/a.jpg", version)) == 1
+
+
+def test_an_upload_deleted_while_it_waits_for_a_slot_is_cancelled_and_never_sent(world: World) -> None:
+    submit = world.submit(MAX_JOBS_AT_FAL="1")
+    holder = full_house(world, submit)
+    version = world.upload("inputs/waits.jpg")
+    assert world.deliver(submit, world.upload_event()) == []
+    assert world.job("inputs/waits.jpg", version).state is JobState.WAITING
+
+    world.aws.s3.delete_object(Bucket=world.aws.resources.bucket, Key="inputs/waits.jpg", VersionId=version)
+    assert world.deliver(submit, removal_of(world, version)) == []
+    job = world.job("inputs/waits.jpg", version)
+    assert job.state is JobState.FAILED and job.error_code == "cancelled"
+    assert "waited for its turn" in world.error_record(job)["message"]
+
+    free_the_slot(world, holder)
+    dispatch(world, submit)
+    assert world.posts() == 1  # only the upload that was at fal already
+
+
+def test_the_line_checks_the_input_before_it_sends_even_when_the_deletion_was_not_yet_heard(world: World) -> None:
+    submit = world.submit(MAX_JOBS_AT_FAL="1")
+    holder = full_house(world, submit)
+    version = world.upload("inputs/gone.jpg")
+    assert world.deliver(submit, world.upload_event()) == []
+    world.aws.s3.delete_object(Bucket=world.aws.resources.bucket, Key="inputs/gone.jpg", VersionId=version)
+    world.aws.receive(wait=1)  # its removal event is still on its way (taken off the queue here, undelivered)
+
+    free_the_slot(world, holder)
+    dispatch(world, submit)
+    job = world.job("inputs/gone.jpg", version)
+    assert job.state is JobState.FAILED and job.error_code == "cancelled"
+    assert world.posts() == 1
+
+
+def test_one_waiting_upload_that_cannot_be_sent_gets_its_record_and_the_line_moves_on(world: World) -> None:
+    # With data URIs the image is read at its turn: a version deleted meanwhile cannot be sent.
+    submit = world.submit(MAX_JOBS_AT_FAL="1", IMAGE_TRANSPORT="data-uri")
+    holder = full_house(world, submit)
+    broken = world.upload("inputs/line/1-broken.jpg")
+    assert world.deliver(submit, world.upload_event()) == []
+    healthy = world.upload("inputs/line/2-healthy.jpg")
+    assert world.deliver(submit, world.upload_event()) == []
+    world.aws.s3.delete_object(Bucket=world.aws.resources.bucket, Key="inputs/line/1-broken.jpg", VersionId=broken)
+    world.aws.receive(wait=1)
+
+    world.emulator.set_faults(queue_ms=0)
+    free_the_slot(world, holder)
+    dispatch(world, submit)
+    assert world.job("inputs/line/1-broken.jpg", broken).state is JobState.FAILED
+    assert world.job("inputs/line/2-healthy.jpg", healthy).state is JobState.SUBMITTED
+    assert world.posts() == 2
+
+
+def test_a_request_larger_than_the_whole_daily_budget_is_refused_with_a_record_not_sent(world: World) -> None:
+    submit = world.submit(DAILY_IMAGE_BUDGET="2")
+    version = world.upload("inputs/four.jpg", {"prompt": "four of them", "num_images": 4})
+    assert world.deliver(submit, world.upload_event()) == []
+    job = world.job("inputs/four.jpg", version)
+    assert job.state is JobState.FAILED and job.error_code == "over_daily_budget"
+    assert "DailyImageBudget" in world.error_record(job)["message"]
+    assert world.posts() == 0
+
+
+def test_the_days_first_charge_must_fit_the_budget_too(world: World) -> None:
+    admission = Admission(world.aws.table(), max_jobs_at_fal=0, daily_image_budget=2)
+    assert isinstance(admission.admit("a" * 32, 3), Wait)
+    assert admission.used_today() == 0
+    assert not isinstance(admission.admit("b" * 32, 2), Wait)
