@@ -26,7 +26,7 @@ pytestmark = pytest.mark.adversarial
 ENDPOINT = "fal-ai/flux-pro/kontext/max"
 
 
-def fal_request(world: World, image_url: str) -> Accepted:
+def fal_request(world: World, image_url: str, headers: dict[str, str] | None = None) -> Accepted:
     fal = FalQueueClient(httpx.Client(), base_url=world.emulator.base_url, key=lambda: FAL_KEY)
     outcome = fal.submit(
         ENDPOINT,
@@ -34,6 +34,7 @@ def fal_request(world: World, image_url: str) -> Accepted:
         webhook_url="http://127.0.0.1:9/lost",
         deadline=time.monotonic() + 10,
         key=FAL_KEY,
+        headers=headers,
     )
     assert isinstance(outcome, Accepted)
     return outcome

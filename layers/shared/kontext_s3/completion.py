@@ -105,10 +105,11 @@ class JobFinisher:
 
     # -- claiming -------------------------------------------------------------------
 
-    def claim(self, job_id: str, *, deadline: float, states: Iterable[JobState] = AT_FAL) -> Claim | None:
-        """Hold the job until ``deadline`` (plus a margin); ``None`` when someone else holds it or it is not open."""
+    def claim(self, job_id: str, *, deadline: float, states: Iterable[JobState] = AT_FAL, request_id: str | None = None) -> Claim | None:
+        """Hold the job until ``deadline`` (plus a margin); ``None`` when someone else holds it or it is not open (or, with
+        ``request_id``, when its request is no longer that one)."""
         hold_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + HOLD_MARGIN_MS
-        claim = self.jobs.claim(job_id, new_holder(), hold_ms=hold_ms, states=states)
+        claim = self.jobs.claim(job_id, new_holder(), hold_ms=hold_ms, states=states, request_id=request_id)
         if claim is None:
             logger.info("another caller holds or has ended this job; leaving it to them")
         return claim

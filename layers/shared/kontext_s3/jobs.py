@@ -641,20 +641,35 @@ class JobStore:
 
     # -- finishing -------------------------------------------------------------------
 
-    def claim(self, job_id: str, holder: str, *, hold_ms: int, states: Iterable[JobState] = AT_FAL) -> Claim | None:
-        """Hold a job to finish it. ``None`` when it ended, is in another state, or someone holds it."""
+    def claim(
+        self, job_id: str, holder: str, *, hold_ms: int, states: Iterable[JobState] = AT_FAL, request_id: str | None = None
+    ) -> Claim | None:
+        """Hold a job to finish it. ``None`` when it ended, is in another state, or someone holds it.
+
+        ``request_id``: the claim acts on what fal said about that request, so it holds only while the job's request is
+        still that one (the job may have been sent again, as another request, since it was read).
+        """
         at = now_ms()
         names = {f":s{i}": s.value for i, s in enumerate(states)}
         writer = new_holder()
+        same_request = " AND request_id = :rid" if request_id else ""
         try:
             old = self._table.update_item(
                 Key={"job_id": job_id},
                 UpdateExpression="SET holder = :holder, held_until_ms = :until, last_writer = :writer",
                 ConditionExpression=(
                     f"attribute_exists(job_id) AND #state IN ({', '.join(names)}) AND (attribute_not_exists(holder) OR held_until_ms < :at)"
+                    + same_request
                 ),
                 ExpressionAttributeNames={"#state": "state"},
-                ExpressionAttributeValues={**names, ":holder": holder, ":until": at + hold_ms, ":writer": writer, ":at": at},
+                ExpressionAttributeValues={
+                    **names,
+                    ":holder": holder,
+                    ":until": at + hold_ms,
+                    ":writer": writer,
+                    ":at": at,
+                    **({":rid": request_id} if request_id else {}),
+                },
                 ReturnValues="ALL_OLD",
             )["Attributes"]
         except ClientError as exc:

@@ -175,12 +175,12 @@ class Recovery:
             )
         state = status.get("status")
         if state == "COMPLETED" and status.get("error_type") in ("request_timeout", "startup_timeout"):
-            claim = self._finisher.claim(job.job_id, deadline=deadline)
+            claim = self._finisher.claim(job.job_id, deadline=deadline, request_id=job.request_id)
             if claim is None:
                 return "ended-elsewhere"
             return "back-in-line" if self._finisher.requeue(claim, str(status.get("error"))) else "ended-elsewhere"
         if state == "COMPLETED" and not status.get("error"):
-            claim = self._finisher.claim(job.job_id, deadline=deadline)
+            claim = self._finisher.claim(job.job_id, deadline=deadline, request_id=job.request_id)
             if claim is None:
                 return "ended-elsewhere"
             try:
@@ -201,17 +201,22 @@ class Recovery:
                 fal={"request_id": job.request_id, "error": status.get("error"), "error_type": status.get("error_type"), "detail": detail},
             )
         if self._too_old(job):
-            claim = self._finisher.claim(job.job_id, deadline=deadline)
+            claim = self._finisher.claim(job.job_id, deadline=deadline, request_id=job.request_id)
             if claim is None:
                 return "ended-elsewhere"
             cancelled = bool(job.cancel_url) and self._fal.cancel(str(job.cancel_url), deadline=deadline)
+            if not cancelled:
+                # fal runs it, and will bill it: the job keeps its slot (fal still holds the request) and its end, by
+                # webhook or by the next look at fal's status, writes its outputs as for any other job.
+                self._finisher.let_go(claim)
+                logger.warning("past its max age, but fal would not cancel it (it runs): left to finish", extra={"status": state})
+                return "running-past-max-age"
             ended = self._finisher.fail(
                 claim.job,
                 claim.holder,
                 stage="fal",
                 code="timed_out",
-                message=f"fal had not finished the request after {self._max_age_ms // 1000} s (it was {state}); "
-                + ("it was cancelled" if cancelled else "fal would not cancel it, so it may still run and be paid for"),
+                message=f"fal had not started the request after {self._max_age_ms // 1000} s (it was {state}); it was cancelled",
                 fal={"request_id": job.request_id, "status": state},
                 took_over=claim.took_over,
             )
@@ -219,7 +224,7 @@ class Recovery:
         return "running"
 
     def _end_failed(self, job: Job, deadline: float, *, code: str, message: str, fal: dict[str, object] | None = None) -> str:
-        claim = self._finisher.claim(job.job_id, deadline=deadline)
+        claim = self._finisher.claim(job.job_id, deadline=deadline, request_id=job.request_id)
         if claim is None:
             return "ended-elsewhere"
         ended = self._finisher.fail(

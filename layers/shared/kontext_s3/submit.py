@@ -124,13 +124,16 @@ class _Intent:
     fields: dict[str, str] = field(default_factory=dict)
     #: When a backfill ran: the recipe that stood then applies (it may have been written for the backfill).
     recipe_at: datetime | None = None
+    #: A backfill's message (its marks, to send it again unchanged when it must wait).
+    backfill: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, marks: dict[str, Any]) -> _Intent:
         given = marks.get("fields")
         fields = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else {}
         recipe_at = _arrival_at(str(marks["recipe_at"])) if marks.get("recipe_at") else None
-        return cls(tags_due=bool(marks.get("tags_due") or marks.get("backfill")), fields=fields, recipe_at=recipe_at)
+        backfill = dict(marks) if marks.get("backfill") else None
+        return cls(tags_due=bool(marks.get("tags_due") or backfill), fields=fields, recipe_at=recipe_at, backfill=backfill)
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,9 @@ class Submitter:
     def _handle_upload(self, change: ObjectChange, intent: _Intent, *, receive_count: int, deadline: float) -> ChangeResult:
         # The edit is read before the job exists: with re-runs on tag changes, it is part of the job's id.
         # The image is looked at only once the job is ours, so a duplicate delivery stops at the job.
+        waits = self._backfill_waits(change, intent)
+        if waits:
+            return waits
         try:
             edit = self._edit(change, intent)
         except _AwaitingTags:
@@ -295,6 +301,26 @@ class Submitter:
                 job, holder, receive_count, f"{type(exc).__name__}: {exc}", code="retries_exhausted", sent=False, cause=exc
             )
         return self._take_turn(job, holder, prepared, receive_count=receive_count, deadline=deadline, in_line=False)
+
+    def _backfill_waits(self, change: ObjectChange, intent: _Intent) -> ChangeResult | None:
+        """A backfill never takes an upload that may still get its own tags: it comes back once their wait is over.
+
+        Taken earlier, the uploader's own tags would arrive as another edit and run a second, paid job.
+        """
+        if intent.backfill is None or not self._settings.tag_wait_seconds:
+            return None
+        uploaded = _arrival_at(change.event_time)
+        if uploaded is None:
+            return None
+        left = self._settings.tag_wait_seconds - (datetime.now(UTC) - uploaded).total_seconds()
+        if left <= 0:
+            return None
+        if self._send_later is None:
+            raise RuntimeError("UPLOADS_QUEUE_URL is not set: a backfill inside the tag wait could not be looked at again")
+        # A margin past the upload's own tag deadline, so the upload's own tags (or their absence) are heard first.
+        self._send_later(notification([change], **intent.backfill), int(left) + 5)
+        logger.info("backfill waits until the upload's own tags are due", extra={"seconds_left": int(left)})
+        return ChangeResult(Outcome.WAITING, change.key, None, "backfill waits for the upload's tags")
 
     def _refuse(self, change: ObjectChange, exc: _UserError, deadline: float) -> ChangeResult:
         """The user's mistake, recorded once per edit asked for (a fixed edit is a new job)."""
@@ -337,7 +363,7 @@ class Submitter:
         if job is None and mark is not None:
             first = self._jobs.get(upload_id)
             if first is not None and first.edit_mark not in (None, mark):
-                if not change.tagged:
+                if not change.tagged and not self._nothing_sent(upload_id):
                     # A repeat of the upload's own event (a redelivery, a backfill, a tag deadline) asking for another
                     # edit than the one that ran (a recipe or a default changed since): only new tags start a re-run.
                     logger.info("duplicate delivery: the upload's job ran another edit", extra={"first_job_id": upload_id})
@@ -352,6 +378,14 @@ class Submitter:
                 return taken
             job = taken
         return job, holder
+
+    def _nothing_sent(self, upload_id: str) -> bool:
+        """Whether every job of the upload ended before reaching fal (refused tags, say): another edit costs no second
+        payment then, so a backfill may give the upload the edit it never got."""
+        jobs = self._jobs.jobs_of_upload(upload_id)
+        return bool(jobs) and all(
+            job.state is JobState.FAILED and not job.failure_retryable and not job.request_id and not job.sent_at_ms for job in jobs
+        )
 
     def _create(
         self, change: ObjectChange, job_id: str, holder: str, hold_ms: int, mark: str | None, upload_id: str | None = None
