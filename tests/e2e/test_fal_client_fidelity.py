@@ -66,12 +66,18 @@ def test_fal_client_submits_polls_fetches_and_cancels_unchanged(tls_emulator: tu
     assert submit["webhook_url"] == "https://example.invalid/hook"
 
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "fal-kontext-max-api.txt"
+def reference_page() -> Path:
+    """The model's API page, in the contracts folder ``shared/reference`` beside the checkout."""
+    for folder in Path(__file__).resolve().parents:
+        page = folder / "shared" / "reference" / "fal-kontext-max-api.txt"
+        if page.is_file():
+            return page
+    raise AssertionError("shared/reference/fal-kontext-max-api.txt is not beside this checkout: the contracts are needed")
 
 
 def quick_start() -> str:
     """The model page's Quick Start, exactly as the page gives it."""
-    page = REFERENCE.read_text(encoding="utf-8")
+    page = reference_page().read_text(encoding="utf-8")
     code = page.split("\nQuick Start\n", 1)[1].split("\nExamples\n", 1)[0]
     assert "fal_client.subscribe(" in code and "with_logs=True" in code
     return code.strip() + "\n"

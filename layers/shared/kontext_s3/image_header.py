@@ -8,7 +8,7 @@ truncated input ends in ``None`` or in a header without a size, never in an exce
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +16,9 @@ from kontext_s3.image_types import sniff_image
 
 #: Bytes callers fetch; :func:`read_header` looks no further, so a whole file and a ranged GET agree.
 HEADER_BYTES = 65536
+#: How far a second read looks for a size the first did not reach (a JPEG's frame header after large EXIF, ICC or
+#: XMP segments); past it, the image is refused rather than sent unmeasured.
+SIZE_SCAN_BYTES = 1024 * 1024
 
 _ORIENTATION_TAG = 0x0112
 _BYTE_ORDERS: dict[bytes, Literal["little", "big"]] = {b"II": "little", b"MM": "big"}
@@ -45,9 +48,9 @@ class ImageHeader:
         return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
 
 
-def read_header(first_bytes: bytes) -> ImageHeader | None:
+def read_header(first_bytes: bytes, *, limit: int = HEADER_BYTES) -> ImageHeader | None:
     """The header of a JPEG, PNG, GIF, WebP, HEIC/HEIF or AVIF image, or ``None`` when the bytes are none of these."""
-    data = bytes(first_bytes[:HEADER_BYTES])
+    data = bytes(first_bytes[:limit])
     content_type = sniff_image(data)
     if content_type == "image/jpeg":
         return _jpeg(data)
@@ -227,3 +230,45 @@ def _bmff(data: bytes) -> ImageHeader | None:
     if mode == 1:  # a left-right mirror is a half turn and a top-bottom mirror
         angle, mode = (angle + 2) % 4, 0
     return ImageHeader(content_type, width, height, (_IROT_ORIENTATIONS if mode is None else _IMIR_ORIENTATIONS)[angle])
+
+
+def gif_canvas(read: Callable[[int], bytes]) -> tuple[int, int]:
+    """The size a GIF decodes at: its logical screen, or larger where a frame reaches past it.
+
+    Reads the block structure from ``read`` (a file's ``read``), skipping each frame's compressed data sub-block by
+    sub-block, so memory stays at one sub-block whatever the file's size. Stops at the trailer or the end of data.
+    """
+    screen = read(13)
+    width, height = _le(screen[6:8]), _le(screen[8:10])
+    if len(screen) == 13 and screen[10] & 0x80:
+        read(3 << ((screen[10] & 0x07) + 1))  # the global colour table
+    while True:
+        kind = read(1)
+        if kind == b"\x2c":  # an image descriptor: left, top, width, height, flags
+            frame = read(9)
+            if len(frame) < 9:
+                break
+            width = max(width, _le(frame[0:2]) + _le(frame[4:6]))
+            height = max(height, _le(frame[2:4]) + _le(frame[6:8]))
+            if frame[8] & 0x80:
+                read(3 << ((frame[8] & 0x07) + 1))  # the frame's local colour table
+            read(1)  # LZW minimum code size
+        elif kind == b"\x21":  # an extension: its label, then sub-blocks
+            read(1)
+        else:  # the trailer (0x3B), the end of the data, or garbage
+            break
+        if not _skip_sub_blocks(read):
+            break
+    return width, height
+
+
+def _skip_sub_blocks(read: Callable[[int], bytes]) -> bool:
+    """Skip data sub-blocks up to their terminator; False when the data ends first."""
+    while True:
+        length = read(1)
+        if not length:
+            return False
+        if length == b"\x00":
+            return True
+        if len(read(length[0])) < length[0]:
+            return False

@@ -10,14 +10,15 @@ the model's allowed ratio nearest the input's upright size.
 
 from __future__ import annotations
 
+import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from kontext_s3.image_header import HEADER_BYTES, ImageHeader, read_header
-from kontext_s3.input_prep import CONVERTED, SUPPORTED, TAKEN, UnreadableImage, changes_needed, prepare
+from kontext_s3.image_header import HEADER_BYTES, SIZE_SCAN_BYTES, ImageHeader, gif_canvas, read_header
+from kontext_s3.input_prep import CONVERTED, SUPPORTED, TAKEN, UnreadableImage, changes_needed, one_at_a_time, prepare
 from kontext_s3.log import logger
 from kontext_s3.model_schema import MATCH_INPUT, nearest_aspect_ratio
 from kontext_s3.s3_events import ObjectChange
@@ -60,7 +61,7 @@ class InputImages:
             raise
         return True
 
-    def examine(self, change: ObjectChange, output_prefix: str, body: dict[str, Any]) -> SeenImage:
+    def examine(self, change: ObjectChange, output_prefix: str, body: dict[str, Any], *, deadline: float) -> SeenImage:
         header, size = self._header(change)
         upright = header.upright_size
         image: dict[str, Any] = {"content_type": header.content_type, "bytes": size, "orientation": header.orientation}
@@ -69,7 +70,7 @@ class InputImages:
         content_type, body = header.content_type, dict(body)
         changes = changes_needed(header)
         if changes:
-            prepared = self._prepared_copy(change, output_prefix, header, changes)
+            prepared = self._prepared_copy(change, output_prefix, header, changes, deadline)
             content_type, upright = prepared["content_type"], (prepared["width"], prepared["height"])
             # Decoded, the size is exact: a HEIC header gives the coded size, which a crop box may trim.
             image.update(width=upright[0], height=upright[1], prepared=prepared)
@@ -80,16 +81,24 @@ class InputImages:
         return SeenImage(body, content_type, json.dumps(image, sort_keys=True))
 
     def _prepared_copy(
-        self, change: ObjectChange, output_prefix: str, header: ImageHeader, changes: list[dict[str, str]]
+        self, change: ObjectChange, output_prefix: str, header: ImageHeader, changes: list[dict[str, str]], deadline: float
     ) -> dict[str, Any]:
-        """Write the upright / converted copy fal is given, beside the job's outputs."""
-        data = self._s3.get_object(**version_args(change))["Body"].read()  # type: ignore[arg-type]
-        try:
-            prepared = prepare(data, header, max_pixels=self._settings.max_input_pixels)
-        except UnreadableImage as exc:
-            raise RefusedInput("unsupported_object", str(exc)) from exc
-        key = f"{output_prefix}input-prepared.{prepared.extension}"
-        self._s3.put_object(Bucket=change.bucket, Key=key, Body=prepared.data, ContentType=prepared.content_type)
+        """Write the upright / converted copy fal is given, beside the job's outputs.
+
+        Read, decode, turn, encode and write all happen in the one decoding turn: ten records of a batch each holding
+        a whole photo while they wait for it were what overran the function's memory.
+        """
+        key = ""
+        with one_at_a_time(deadline):
+            data = self._s3.get_object(**version_args(change))["Body"].read()  # type: ignore[arg-type]
+            try:
+                prepared = prepare(data, header, max_pixels=self._settings.max_input_pixels)
+            except UnreadableImage as exc:
+                raise RefusedInput("unsupported_object", str(exc)) from exc
+            finally:
+                del data
+            key = f"{output_prefix}input-prepared.{prepared.extension}"
+            self._s3.put_object(Bucket=change.bucket, Key=key, Body=prepared.data, ContentType=prepared.content_type)
         logger.info("input prepared for fal", extra={"changes": [c["change"] for c in changes], "prepared_key": key})
         return {
             "key": key,
@@ -123,15 +132,31 @@ class InputImages:
         header = read_header(first_bytes)
         if header is None or header.content_type not in TAKEN | CONVERTED:
             raise RefusedInput("unsupported_object", f"the uploaded object is not a {SUPPORTED} image")
+        if size > self._settings.max_input_bytes:
+            raise RefusedInput(
+                "unsupported_object", f"the image is {size} bytes; the limit is {self._settings.max_input_bytes} (MAX_INPUT_BYTES)"
+            )
+        if (header.width is None or header.height is None) and size > len(first_bytes):
+            # The size marker lies past the first read (large EXIF or ICC segments before a JPEG's frame header).
+            more = self._s3.get_object(Range=f"bytes=0-{SIZE_SCAN_BYTES - 1}", **version_args(change))  # type: ignore[arg-type]
+            header = read_header(more["Body"].read(), limit=SIZE_SCAN_BYTES) or header
+        if header.content_type == "image/gif":
+            # A decoder draws every frame: a frame larger than the logical screen is decoded at its own size.
+            body = io.BytesIO(first_bytes) if size <= len(first_bytes) else self._s3.get_object(**version_args(change))["Body"]  # type: ignore[arg-type]
+            width, height = gif_canvas(body.read)
+            header = replace(header, width=width, height=height)
         self._within_limits(header, size)
         return header, size
 
     def _within_limits(self, header: ImageHeader, size: int) -> None:
         limits = self._settings
-        if size > limits.max_input_bytes:
-            raise RefusedInput("unsupported_object", f"the image is {size} bytes; the limit is {limits.max_input_bytes} (MAX_INPUT_BYTES)")
         if header.width is None or header.height is None:
-            return  # the size lies beyond the header's bytes (rare): the byte limit still holds
+            # Never skipped: what cannot be measured cannot be held to MAX_INPUT_PIXELS, and fal would decode it anyway.
+            raise RefusedInput(
+                "unsupported_object",
+                f"the image's size is not in its first {SIZE_SCAN_BYTES} bytes, so it cannot be checked against the pixel "
+                "limit (MAX_INPUT_PIXELS); save it again with its metadata after the image header",
+            )
         pixels = header.width * header.height
         if pixels > limits.max_input_pixels:
             raise RefusedInput(

@@ -293,7 +293,7 @@ class Submitter:
             return held
         job, holder = held
         try:
-            prepared = self._with_image(job, change, edit)
+            prepared = self._with_image(job, change, edit, deadline)
         except _UserError as exc:
             return self._fail_validation(job, holder, exc)
         except Exception as exc:
@@ -789,10 +789,10 @@ class Submitter:
             logger.debug("tags that are not model fields were ignored", extra={"ignored_tags": ignored})
         return fields
 
-    def _with_image(self, job: Job, change: ObjectChange, edit: _Prepared) -> _Prepared:
+    def _with_image(self, job: Job, change: ObjectChange, edit: _Prepared, deadline: float) -> _Prepared:
         """The edit with what its image needs (see :class:`InputImages`)."""
         try:
-            seen = self._images.examine(change, job.output_prefix, edit.body)
+            seen = self._images.examine(change, job.output_prefix, edit.body, deadline=deadline)
         except RefusedInput as exc:
             raise _UserError(exc.code, str(exc)) from exc
         return replace(edit, body=seen.body, content_type=seen.content_type, image_json=seen.image_json)
