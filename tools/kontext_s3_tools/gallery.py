@@ -8,7 +8,12 @@ working) or linked through presigned URLs (``--images presign``, for a quick
 look without downloading; the links expire).
 
 Everything that comes from uploads (keys, prompts, error messages, fields) is
-escaped: the page shows it as text and runs none of it.
+escaped: the page shows it as text and runs none of it. Copies are only of
+JPEG, PNG, GIF and WebP images (judged from their first bytes, never a key or a
+Content-Type) of at most :data:`MAX_COPY_BYTES`, streamed to disk and named by
+their type (``input.jpg``): an SVG kept as uploaded runs its script when opened
+on its own, and the uploads refused as too big are exactly the ones that get a
+record, so they must not be fetched. Anything else is a placeholder saying why.
 """
 
 from __future__ import annotations
@@ -17,23 +22,34 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import escape
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
+
+from kontext_s3.image_types import SNIFF_BYTES, sniff_image
 
 if TYPE_CHECKING:
     from kontext_s3_tools.cli import Target
 
 PRESIGN_SECONDS = 3600
 MAX_JOBS = 500
+#: The largest object the gallery copies to disk; bigger ones are placeholders, and are never read.
+MAX_COPY_BYTES = 25 * 1024 * 1024
+#: Bytes held in memory at once while a copy streams to disk.
+_CHUNK_BYTES = 1024 * 1024
+#: The types a browser only ever draws (never runs), and the extension a copy of each is named by.
+_COPIED_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
+#: The error code of an upload the pipeline refused as it is (not an image we take, or too big): not worth fetching.
+_REFUSED_INPUT = "unsupported_object"
+_NOT_AVAILABLE = "not available"
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class GalleryError(Exception):
@@ -58,6 +74,20 @@ class GalleryJob:
     @property
     def prompt(self) -> str:
         return str(self.fields.get("prompt") or (self.document.get("recipe") or {}).get("fields", {}).get("prompt") or "")
+
+    @property
+    def refused_input(self) -> str | None:
+        """Why the pipeline refused the upload itself, when the error record says it did; else ``None``."""
+        if self.succeeded or self.document.get("code") != _REFUSED_INPUT:
+            return None
+        return f"not shown: the upload was refused: {self.document.get('message') or _REFUSED_INPUT}"
+
+
+@dataclass(frozen=True)
+class Withheld:
+    """An image the page shows as a placeholder, and why (the reason is shown, escaped)."""
+
+    reason: str
 
 
 def find_jobs(target: Target, prefix: str = "") -> list[GalleryJob]:
@@ -110,30 +140,97 @@ class _Links:
         self._out = out
         self._mode = mode
 
-    def __call__(self, job: GalleryJob, key: str, version_id: str | None, name: str) -> str | None:
+    def image(self, job: GalleryJob, key: str, version_id: str | None, stem: str) -> str | Withheld:
+        """A link to the image, or why there is none; a copy is ``media/<job>/<stem>.<its type's extension>``."""
         extra = {"VersionId": version_id} if version_id else {}
         if self._mode == "presign":
-            return str(
-                self._s3.generate_presigned_url(
-                    "get_object", Params={"Bucket": self._bucket, "Key": key, **extra}, ExpiresIn=PRESIGN_SECONDS
-                )
-            )
-        # Names come from S3 keys: only safe characters, bounded length, never a path of their own.
-        safe = (_UNSAFE.sub("_", name).strip("._") or "file")[-100:]
-        relative = Path("media") / job.job_id / safe
+            return self._presigned(key, extra)
         try:
-            body = self._s3.get_object(Bucket=self._bucket, Key=key, **extra)["Body"].read()
+            response = self._s3.get_object(Bucket=self._bucket, Key=key, **extra)
         except ClientError:
-            return None  # the input was deleted since, say: the page says so instead of showing a broken image
-        path = (self._out / relative).resolve()
-        if not path.is_relative_to(self._out.resolve()):
-            return None
+            return Withheld(_NOT_AVAILABLE)  # the input was deleted since, say: the page says so instead of showing a broken image
+        body = response["Body"]
+        try:
+            return self._copy(body, int(response.get("ContentLength") or 0), Path("media") / job.job_id / stem)
+        except BotoCoreError:
+            return Withheld(_NOT_AVAILABLE)  # the connection broke mid-copy: what was written is gone
+        finally:
+            body.close()  # unread bytes of a refused object are dropped with the connection, not read
+
+    def record(self, job: GalleryJob, name: str) -> str:
+        """A link to the job's manifest or error record; a copy is written from the record already read, not fetched again."""
+        if self._mode == "presign":
+            return self._presigned(job.record_key, {})
+        relative = Path("media") / job.job_id / name
+        self._write(relative, [json.dumps(job.document, indent=2, ensure_ascii=False).encode()])
+        return quote(relative.as_posix())
+
+    def _presigned(self, key: str, extra: dict[str, str]) -> str:
+        return str(
+            self._s3.generate_presigned_url("get_object", Params={"Bucket": self._bucket, "Key": key, **extra}, ExpiresIn=PRESIGN_SECONDS)
+        )
+
+    def _copy(self, body: Any, size: int, stem: Path) -> str | Withheld:
+        """Stream ``body`` to ``<stem>.<its type's extension>`` if it is a raster image within the cap, judged before writing."""
+        if size > MAX_COPY_BYTES:
+            return Withheld(_too_large(size))
+        first = _read_up_to(body, SNIFF_BYTES)
+        extension = _COPIED_EXTENSIONS.get(sniff_image(first) or "")
+        if extension is None:
+            return Withheld("not copied: not a JPEG, PNG, GIF or WebP image")
+        relative = stem.with_name(f"{stem.name}.{extension}")
+        # The cap holds even if the body runs past the size S3 announced.
+        if not self._write(relative, _capped(chain([first], body.iter_chunks(_CHUNK_BYTES)))):
+            return Withheld(_too_large(None))
+        return quote(relative.as_posix())
+
+    def _write(self, relative: Path, chunks: Iterable[bytes]) -> bool:
+        """Write ``chunks`` to ``out/relative``; ``False`` (and nothing left on disk) when they run over :data:`MAX_COPY_BYTES`."""
+        path = self._out / relative
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(body)
+            with path.open("wb") as file:
+                for chunk in chunks:
+                    file.write(chunk)
+        except _OverCap:
+            path.unlink(missing_ok=True)
+            return False
         except OSError as exc:
             raise GalleryError(f"error: cannot write into {self._out}: {exc.strerror}; choose another --out") from None
-        return quote(relative.as_posix())
+        except BaseException:
+            path.unlink(missing_ok=True)  # never leave half an image behind
+            raise
+        return True
+
+
+class _OverCap(Exception):
+    """A body ran past :data:`MAX_COPY_BYTES` while it was being copied."""
+
+
+def _too_large(size: int | None) -> str:
+    what = f"{size} bytes" if size is not None else "larger than announced"
+    return f"not copied: {what}; the gallery copies images of at most {MAX_COPY_BYTES} bytes"
+
+
+def _read_up_to(body: Any, limit: int) -> bytes:
+    """Up to ``limit`` bytes from the start of ``body`` (a read may return fewer than asked before the end)."""
+    data = b""
+    while len(data) < limit:
+        chunk = body.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _capped(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """``chunks`` as they come, raising :class:`_OverCap` at the first byte past :data:`MAX_COPY_BYTES`."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > MAX_COPY_BYTES:
+            raise _OverCap
+        yield chunk
 
 
 def write_gallery(target: Target, out: Path, *, prefix: str = "", images: str = "copy") -> Path:
@@ -163,9 +260,9 @@ def write_gallery(target: Target, out: Path, *, prefix: str = "", images: str = 
     return index
 
 
-def _figure(caption: str, url: str | None, alt: str) -> str:
-    if url is None:
-        return f'<figure class="missing"><div>not available</div><figcaption>{escape(caption)}</figcaption></figure>'
+def _figure(caption: str, url: str | Withheld, alt: str) -> str:
+    if isinstance(url, Withheld):
+        return f'<figure class="missing"><div>{escape(url.reason)}</div><figcaption>{escape(caption)}</figcaption></figure>'
     return (
         f'<figure><img src="{escape(url, quote=True)}" alt="{escape(alt, quote=True)}"><figcaption>{escape(caption)}</figcaption></figure>'
     )
@@ -184,11 +281,12 @@ def _card(job: GalleryJob, link: _Links) -> str:
     figures = []
     if job.input_image:
         caption, key, version = job.input_image
-        figures.append(_figure(caption, link(job, key, version, "input-" + key.rsplit("/", 1)[-1]), f"input {key}"))
-    for caption, key, version in job.outputs:
-        figures.append(_figure(caption, link(job, key, version, key.rsplit("/", 1)[-1]), f"{caption} of {job.job_id}"))
-    record_name = job.record_key.rsplit("/", 1)[-1]
-    record_url = link(job, job.record_key, None, record_name)
+        refused = job.refused_input
+        figures.append(_figure(caption, Withheld(refused) if refused else link.image(job, key, version, "input"), f"input {key}"))
+    for i, (caption, key, version) in enumerate(job.outputs):
+        figures.append(_figure(caption, link.image(job, key, version, f"output-{i + 1}"), f"{caption} of {job.job_id}"))
+    record_name = job.record_key.rsplit("/", 1)[-1]  # manifest.json or error.json: find_jobs takes no other
+    record_url = link.record(job, record_name)
     source = doc.get("source") or {}
     times = {"uploaded": doc.get("uploaded_at"), "sent to fal": doc.get("submitted_at"), "recorded": doc.get("at")}
     timings = (doc.get("output") or {}).get("timings") or {}
