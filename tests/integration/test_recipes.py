@@ -121,6 +121,26 @@ def test_a_recipe_that_is_not_json_is_named_in_the_error(aws: Aws, emulator: Fal
     assert emulator.submits() == []
 
 
+@pytest.mark.parametrize("depth", [300, 5000])
+def test_a_deeply_nested_recipe_fails_its_uploads_with_an_error_record_and_sends_nothing_to_the_dlq(
+    aws: Aws, emulator: FalEmulator, submit: ModuleType, depth: int
+) -> None:
+    # 300: parses on any Python, but pydantic cannot write it into the error record; 5000: parses on python3.13, the runtime.
+    aws.drain_test_event()
+    put_recipe(aws, "inputs/shop/_kontext.json", b'{"prompt": "x", "seed": ' + b"[" * depth + b"]" * depth + b"}")
+    time.sleep(1.1)
+    version = upload(aws, "inputs/shop/a.jpg")
+    drain(aws, submit)
+    jobs, job_id = job(aws, "inputs/shop/a.jpg", version)
+    failed = jobs.get(job_id)
+    assert failed is not None and failed.state is JobState.FAILED and failed.error_code == "invalid_recipe"
+    assert "levels deep" in str(failed.error_message)
+    record = json.loads(aws.s3.get_object(Bucket=aws.resources.bucket, Key=str(failed.error_key))["Body"].read())
+    assert record["code"] == "invalid_recipe" and [p["field"] for p in record["problems"]] == ["(file)"]
+    assert aws.receive(aws.resources.dlq_url, wait=0) == []
+    assert emulator.submits() == []
+
+
 def test_an_upload_with_neither_tags_nor_recipe_says_where_the_prompt_can_come_from(
     aws: Aws, emulator: FalEmulator, submit: ModuleType
 ) -> None:

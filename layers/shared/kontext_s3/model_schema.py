@@ -15,10 +15,16 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kontext_s3.text import shorten
 
 ENDPOINT_ID = "fal-ai/flux-pro/kontext/max"
 MAX_PROMPT_CHARS = 4000
+#: How much of a value given to us a one-line message quotes (a 4,000-character prompt is not echoed whole).
+MAX_QUOTE_CHARS = 200
+#: A problem's message: a sentence with one quoted value, and room for a fal detail summarised.
+MAX_PROBLEM_CHARS = 1000
 
 
 class OutputFormat(StrEnum):
@@ -141,13 +147,49 @@ def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+def quote(value: object) -> str:
+    """``value`` as a message names it: its ``repr`` shortened, or for a list or object only its kind.
+
+    A container's ``repr`` could be of any size and depth (a recipe is JSON); its kind and length are always short.
+    """
+    if isinstance(value, str | int | float | bool) or value is None:
+        return shorten(repr(value), MAX_QUOTE_CHARS)
+    if isinstance(value, list | tuple):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, dict):
+        return f"an object of {len(value)} field(s)"
+    return f"a value of type {type(value).__name__}"
+
+
 class FieldProblem(BaseModel):
-    """One thing wrong with one field, phrased for the person who set it."""
+    """One thing wrong with one field, phrased for the person who set it.
+
+    Plain, bounded text only: the problem goes into ``error.json`` and one-line messages, which must always
+    serialise and stay short whatever was given (a value nested thousands deep, a 60 KB field name).
+    """
 
     field: str
-    value: Any = None
+    #: The value given, when it is a scalar (text shortened); a list or object is named in ``message`` instead.
+    value: str | int | float | bool | None = None
     message: str
     allowed: str | None = None
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _scalar(cls, value: object) -> object:
+        if isinstance(value, str):
+            return shorten(value, MAX_QUOTE_CHARS)
+        return value if isinstance(value, int | float | bool) else None
+
+    @field_validator("field")
+    @classmethod
+    def _short_field(cls, field: str) -> str:
+        return shorten(field, MAX_QUOTE_CHARS)
+
+    @field_validator("message")
+    @classmethod
+    def _short_message(cls, message: str) -> str:
+        return shorten(message, MAX_PROBLEM_CHARS)
 
     def sentence(self) -> str:
         text = f"{self.field}: {self.message}"
@@ -166,7 +208,7 @@ def describe_validation_error(error: ValidationError, values: Mapping[str, Any])
         elif item["type"] == "extra_forbidden":
             message = "is not a field of the model"
         else:
-            message = f"{values.get(field, item.get('input'))!r} is not accepted"
+            message = f"{quote(values.get(field, item.get('input')))} is not accepted"
         allowed = allowed_values(field) if field in KontextMaxInput.model_fields else None
         problems.append(FieldProblem(field=field, value=values.get(field), message=message, allowed=allowed))
     return problems

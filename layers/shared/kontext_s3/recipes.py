@@ -20,8 +20,9 @@ widgets) cannot tag each object, so the edit can live beside them instead::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 RECIPE_FILE = "_kontext.json"
 #: A recipe is a handful of fields; anything larger is a mistake, refused before it is parsed.
 MAX_RECIPE_BYTES = 64 * 1024
+#: A recipe is a flat object of scalars (depth 1); deeper nesting is refused before it is parsed, since the
+#: parser recurses per level (python3.13 takes thousands) and pydantic cannot serialise past a few hundred.
+MAX_RECIPE_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -81,10 +85,16 @@ def parse_recipe(key: str, version_id: str | None, raw: bytes) -> Recipe:
         return InvalidRecipe(key, version_id, [FieldProblem(field=field, message=message)])
 
     if len(raw) > MAX_RECIPE_BYTES:
-        raise refuse("(file)", f"is {len(raw)} bytes; a recipe may be at most {MAX_RECIPE_BYTES}")
+        raise refuse("(file)", f"is over {MAX_RECIPE_BYTES} bytes, the most a recipe may be")
     try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
+        text = raw.decode(json.detect_encoding(raw))
+    except UnicodeDecodeError as exc:
+        raise refuse("(file)", f"is not JSON (not UTF-8, UTF-16 or UTF-32 text: {exc.reason})") from exc
+    if _nesting(text) > MAX_RECIPE_DEPTH:
+        raise refuse("(file)", f"nests values more than {MAX_RECIPE_DEPTH} levels deep; a recipe is one object of edit fields")
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: kept, though the depth check comes first
         raise refuse("(file)", f"is not JSON ({exc})") from exc
     if not isinstance(document, dict):
         raise refuse("(file)", 'must be a JSON object of edit fields, such as {"prompt": "..."}')
@@ -99,13 +109,61 @@ def parse_recipe(key: str, version_id: str | None, raw: bytes) -> Recipe:
     return Recipe(key=key, version_id=version_id, fields=document)
 
 
-class RecipeBook:
-    """Finds the recipe that stood for an upload when it arrived."""
+def _nesting(text: str) -> int:
+    """How deep ``text``'s brackets nest, outside strings: known before any parser recurses that deep."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
-    def __init__(self, s3: S3Client, bucket: str, input_prefix: str) -> None:
+
+#: A recipe key's HEAD is reused, within one execution environment, for uploads that arrived before it was made, for
+#: this long and for this many keys: a batch of uploads into one folder looks its recipes up once, not once each.
+HEAD_REUSE_SECONDS = 60
+HEAD_REUSE_KEYS = 512
+#: Recipe versions read, kept by (key, version): a version never changes.
+READ_REUSE_VERSIONS = 64
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What a HEAD of a recipe key found: its current version, or nothing (``deleted``: a delete marker)."""
+
+    #: S3's answer describes the key as it stood at this moment or later (the HEAD was sent after it).
+    seen_at: datetime
+    current: dict[str, Any] | None
+    deleted: bool
+
+
+class RecipeBook:
+    """Finds the recipe that stood for an upload when it arrived.
+
+    A HEAD made at moment H tells what stood at any earlier moment as well as a HEAD made later would (the version
+    current at H and when it was written, or that none was ever written), so it serves every upload that arrived
+    before H: only uploads newer than the last look cost a request.
+    """
+
+    def __init__(self, s3: S3Client, bucket: str, input_prefix: str, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._s3 = s3
         self._bucket = bucket
         self._input_prefix = input_prefix
+        self._clock = clock
+        self._heads: dict[str, _Head] = {}
+        self._read_versions: dict[tuple[str, str | None], Recipe] = {}
 
     def for_upload(self, key: str, arrived: datetime) -> Recipe | None:
         for candidate in recipe_keys(key, self._input_prefix):
@@ -114,18 +172,32 @@ class RecipeBook:
                 return found
         return None
 
-    def _as_of(self, key: str, arrived: datetime) -> Recipe | None:
-        # A HEAD first: no recipe here is the common case, and its 404 tells "never one" from "deleted since"
-        # (x-amz-delete-marker), so only a recipe changed or deleted after the upload costs a listing.
+    def _head(self, key: str, arrived: datetime) -> _Head:
+        seen = self._heads.get(key)
+        now = self._clock()
+        if seen is not None and _to_second(arrived) <= seen.seen_at and now - seen.seen_at < timedelta(seconds=HEAD_REUSE_SECONDS):
+            return seen
+        # A second back for the clocks: S3 stamps arrivals with its own.
+        seen_at = now - timedelta(seconds=1)
         try:
-            current = self._s3.head_object(Bucket=self._bucket, Key=key)
+            head = _Head(seen_at, dict(self._s3.head_object(Bucket=self._bucket, Key=key)), deleted=False)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404", "NotFound"):
                 raise
             headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-            if headers.get("x-amz-delete-marker") != "true":
-                return None
-            current = None
+            head = _Head(seen_at, None, deleted=headers.get("x-amz-delete-marker") == "true")
+        if len(self._heads) >= HEAD_REUSE_KEYS:
+            self._heads.clear()
+        self._heads[key] = head
+        return head
+
+    def _as_of(self, key: str, arrived: datetime) -> Recipe | None:
+        # A HEAD first: no recipe here is the common case, and its 404 tells "never one" from "deleted since"
+        # (x-amz-delete-marker), so only a recipe changed or deleted after the upload costs a listing.
+        head = self._head(key, arrived)
+        current = head.current
+        if current is None and not head.deleted:
+            return None
         if current is not None and current["LastModified"] <= _to_second(arrived):
             return self._read(key, current.get("VersionId"))
         # Changed (or deleted) since the upload: the version that stood then, if any.
@@ -144,10 +216,29 @@ class RecipeBook:
         return self._read(key, latest["VersionId"])
 
     def _read(self, key: str, version_id: str | None) -> Recipe:
-        version = _version(version_id)
-        extra = {"VersionId": version} if version else {}
-        body = self._s3.get_object(Bucket=self._bucket, Key=key, **extra)["Body"].read(MAX_RECIPE_BYTES + 1)  # type: ignore[arg-type]
-        return parse_recipe(key, version, body)
+        if version_id and (key, version_id) in self._read_versions:
+            return self._read_versions[(key, version_id)]
+        recipe = read_recipe(self._s3, self._bucket, key, version_id)
+        if version_id:
+            if len(self._read_versions) >= READ_REUSE_VERSIONS:
+                self._read_versions.clear()
+            self._read_versions[(key, version_id)] = recipe
+        return recipe
+
+
+def read_recipe(s3: S3Client, bucket: str, key: str, version_id: str | None = None) -> Recipe:
+    """The recipe at ``key`` (that version, else the current one), checked by :func:`parse_recipe`.
+
+    No more than one byte past the cap is read: a huge object there costs nothing to refuse.
+    """
+    version = _version(version_id)
+    extra = {"VersionId": version} if version else {}
+    answer = s3.get_object(Bucket=bucket, Key=key, **extra)  # type: ignore[arg-type]
+    try:
+        body = answer["Body"].read(MAX_RECIPE_BYTES + 1)
+    finally:
+        answer["Body"].close()
+    return parse_recipe(key, version or _version(answer.get("VersionId")), body)
 
 
 def _to_second(moment: datetime) -> datetime:
