@@ -73,7 +73,9 @@ class Webhook:
             hold_ms=60_000,
         )
         assert created is not None
-        return store.begin_send(job_id, holder, input_json=json.dumps(sent or SENT_INPUT))
+        sending = store.begin_send(job_id, holder, input_json=json.dumps(sent or SENT_INPUT))
+        assert sending is not None
+        return sending
 
     def success(self, job: Job, images: list[bytes], **extra: Any) -> dict[str, Any]:
         described = [

@@ -33,6 +33,7 @@ from typing import Any
 from PIL import Image
 
 from kontext_s3 import table_keys
+from kontext_s3.jobs import JobState
 from kontext_s3.tag_codec import encode_tags, tagging_header
 from kontext_s3_tools.emulator import Faults
 from kontext_s3_tools.local_stack import ROOT, LocalStack
@@ -78,7 +79,9 @@ def _jobs_ended(stack: LocalStack) -> int:
         ProjectionExpression="#s",
         ExpressionAttributeNames={"#s": "state"},
     ):
-        ended += sum(1 for item in page.get("Items", []) if item.get("state", {}).get("S") in ("COMPLETED", "FAILED"))
+        ended += sum(
+            1 for item in page.get("Items", []) if item.get("state", {}).get("S") in (JobState.COMPLETED.value, JobState.FAILED.value)
+        )
     return ended
 
 
@@ -137,16 +140,16 @@ def _account(stack: LocalStack, keys: list[str], num_images: int) -> dict[str, A
         state = job.get("state") if job else None
         if job and accepted[job["job_id"]] > 1:
             report["duplicated"] += 1
-        if state == "COMPLETED":
+        if state == JobState.COMPLETED.value:
             if outputs[job["output_prefix"]] == num_images + 1 and accepted[job["job_id"]] == 1:  # type: ignore[index]
                 report["completed_once"] += 1
                 latencies.append((int(job["ended_at_ms"]) - int(job["arrived_at_ms"])) / 1000)  # type: ignore[index]
             else:
                 report["incomplete_output_sets"] += 1
-        elif state == "FAILED":
+        elif state == JobState.FAILED.value:
             report["failed"] += 1
             failures[str(job.get("error_code"))] += 1  # type: ignore[union-attr]
-        elif state == "WAITING":
+        elif state == JobState.WAITING.value:
             report["waiting"] += 1
         else:
             report["lost"] += 1

@@ -272,7 +272,7 @@ class Recovery:
     def _check_sending(self, job: Job, deadline: float) -> str:
         if job.state is not JobState.SENDING or not job.hold_lapsed():
             return "running"
-        marked = self._jobs.mark_uncertain(job.job_id, reason="the worker sending it stopped mid-way; not resent, to never pay twice")
+        marked = self._jobs.sender_died(job.job_id)
         if marked is None:
             return "ended-elsewhere"
         logger.error("a sender died mid-request: job is UNCERTAIN")
