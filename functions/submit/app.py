@@ -47,7 +47,6 @@ submitter = Submitter(
     finisher=finisher,
     cancellation=Cancellation(s3=s3, jobs=jobs, fal=fal, finisher=finisher),
     admission=finisher.admission,
-    slot_freed=finisher.slot_freed,
     send_later=wiring.send_later(settings) if settings.uploads_queue_url else None,
     failures=wiring.delivery_failures(settings, jobs),
 )

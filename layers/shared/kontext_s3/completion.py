@@ -12,17 +12,13 @@ write conditional on still holding it. The event is published by whoever wins
 the job's notification claim, once. So an OK and an ERROR webhook, a webhook
 retry and recovery, or a cancel racing a success never both leave their files.
 
-Copies are bounded: at most the ``num_images`` that were asked, each streamed
-with a size cap, all within a total deadline; and only bytes that are the
-image format asked for are stored.
+Copies are bounded (see ``output_copy``).
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,14 +27,17 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from kontext_s3.admission import Admission
-from kontext_s3.image_types import OUTPUT_FORMAT_TYPES, SNIFF_BYTES, sniff_image
+from kontext_s3.image_types import OUTPUT_FORMAT_TYPES
 from kontext_s3.jobs import AT_FAL, Claim, Job, JobState, JobStore, iso, new_holder, now_ms
 from kontext_s3.log import logger
 from kontext_s3.media_urls import MediaUrlRefused, check_media_url
 from kontext_s3.model_schema import FieldProblem, KontextMaxOutput
 from kontext_s3.notifications import JobEvents
-from kontext_s3.output_store import OutputLayout, TooLarge, extension_of, parse_data_uri, stream_to_s3, write_json
+from kontext_s3.output_copy import DeliveryFault, MediaPolicy, NotAnImage, OutputCopier
+from kontext_s3.output_store import OutputLayout, write_json
 from kontext_s3.redact import redact
+
+__all__ = ["DeliveryFault", "JobFinisher", "MediaPolicy", "source_of"]
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -46,30 +45,6 @@ if TYPE_CHECKING:
 MANIFEST_VERSION = 1
 #: A finisher's hold outlives its deadline by this much, so a live holder is never taken over.
 HOLD_MARGIN_MS = 15_000
-
-
-class DeliveryFault(RuntimeError):
-    """Copying the outputs failed for a reason a retry may fix: answer 5xx, keep the job open."""
-
-
-class NotAnImage(ValueError):
-    """An output's bytes are not the image format that was asked for."""
-
-
-@dataclass(frozen=True)
-class CopiedImage:
-    key: str
-    content_type: str
-    bytes: int
-
-
-@dataclass
-class MediaPolicy:
-    allowed_urls: Sequence[str]
-    max_image_bytes: int
-    #: Longest wait for any one read: a stalled host is given up on after this, a trickling one at the deadline.
-    read_timeout_seconds: float = 5.0
-    parallel_downloads: int = 4
 
 
 @dataclass
@@ -83,6 +58,10 @@ class JobFinisher:
     #: What a job held at fal is given back through (its slot, its budget), and who is told a slot is free.
     admission: Admission | None = None
     slot_freed: Callable[[], None] | None = None
+
+    @property
+    def copier(self) -> OutputCopier:
+        return OutputCopier(self.s3, self.layout, self.http, self.media)
 
     def give_back(self, job: Job, *, never_ran: bool = False) -> None:
         """Free the job's slot (once, whoever ends it) and tell the line; refund its images if fal never ran it."""
@@ -157,7 +136,7 @@ class JobFinisher:
             "at": iso(now_ms()),
         }
         if took_over:
-            self._remove_outputs(job)  # an earlier holder may have copied images before it died
+            self.copier.remove_outputs(job)  # an earlier holder may have copied images before it died
         write_json(self.s3, job.bucket, error_key, redact(record))
         ended = self.jobs.fail(
             job.job_id, holder, code=code, message=message, error_key=error_key, retryable=retryable, notify=self.events.enabled
@@ -170,7 +149,7 @@ class JobFinisher:
             return None
         logger.warning("job failed", extra={"code": code, "reason": message, "error_key": error_key})
         self.give_back(job, never_ran=never_ran)
-        self.notify(ended)
+        self.notify(ended, ended_here=True)
         return ended
 
     # -- success --------------------------------------------------------------------
@@ -230,10 +209,9 @@ class JobFinisher:
         expected = OUTPUT_FORMAT_TYPES.get(str(sent.get("output_format") or "jpeg"))
         started = time.monotonic()
         if claim.took_over:
-            self._remove_outputs(job)
+            self.copier.remove_outputs(job)
         try:
-            with ThreadPoolExecutor(max_workers=max(1, min(self.media.parallel_downloads, len(images)))) as pool:
-                copied = list(pool.map(lambda pair: self._copy_image(job, pair[0], pair[1], expected, deadline), enumerate(targets)))
+            copied = self.copier.copy_all(job, targets, expected, deadline)
         except NotAnImage as exc:
             return self.fail(
                 job,
@@ -294,89 +272,21 @@ class JobFinisher:
             },
         )
         self.give_back(job)
-        self.notify(ended)
+        self.notify(ended, ended_here=True)
         return ended
 
-    def notify(self, job: Job) -> None:
-        """Publish the ended job's event, if it has not been: only the caller that wins the notification claim does."""
+    def notify(self, job: Job, *, ended_here: bool = False) -> None:
+        """Publish the ended job's event, if it has not been: only the caller that holds the right to does (the one
+        that ended the job, ``ended_here``, holds it from that write; any other must win the notification claim)."""
         if job.notified_at_ms or not self.events.enabled or not job.state.ended:
             return
-        if not self.jobs.claim_notification(job.job_id):
+        if not ended_here and not self.jobs.claim_notification(job.job_id):
             logger.info("the job's event is published (or being published) by another caller")
             return
         self.events.ended(job)
         self.jobs.mark_notified(job.job_id)
 
     # -- copying ----------------------------------------------------------------------
-
-    def _copy_image(self, job: Job, index: int, url: str | httpx.URL, expected: str | None, deadline: float) -> CopiedImage:
-        try:
-            if isinstance(url, str):  # a data: URI (sync_mode)
-                data = parse_data_uri(url)
-                kind = _check_kind(index, data.data[:SNIFF_BYTES], expected)
-                key = self.layout.image_key(job.output_prefix, index, extension_of(kind))
-                self.s3.put_object(Bucket=job.bucket, Key=key, Body=data.data, ContentType=kind)
-                return CopiedImage(key=key, content_type=kind, bytes=len(data.data))
-            if self.http is None:
-                raise DeliveryFault("no HTTP client to fetch output images with")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeliveryFault(f"output image {index}: no time left to fetch it")
-            timeout = httpx.Timeout(min(self.media.read_timeout_seconds, remaining))
-            with self.http.stream("GET", url, timeout=timeout, follow_redirects=False) as response:
-                if response.status_code != 200:
-                    raise DeliveryFault(f"output image {index}: the media host answered HTTP {response.status_code}")
-                # Bytes as they arrive (a chunk size would wait for that many, past any deadline).
-                chunks = _until(deadline, index, response.iter_bytes())
-                head, chunks = _peek(chunks, SNIFF_BYTES)
-                kind = _check_kind(index, head, expected)
-                key = self.layout.image_key(job.output_prefix, index, extension_of(kind))
-                size = stream_to_s3(self.s3, job.bucket, key, chunks, content_type=kind, max_bytes=self.media.max_image_bytes)
-                return CopiedImage(key=key, content_type=kind, bytes=size)
-        except (NotAnImage, DeliveryFault):
-            raise
-        except (httpx.HTTPError, ClientError, BotoCoreError, TooLarge, ValueError) as exc:
-            raise DeliveryFault(f"output image {index}: {type(exc).__name__}: {redact(str(exc))}") from exc
-
-    def _remove_outputs(self, job: Job) -> None:
-        """Remove what an earlier holder of this job may have left (images, manifest), before writing ours."""
-        listing = self.s3.list_objects_v2(Bucket=job.bucket, Prefix=job.output_prefix)
-        # The prepared input is the submit function's, and what the manifest points at: it stays.
-        kept = ("error.json", "input-prepared.")
-        stale = [item["Key"] for item in listing.get("Contents", []) if not item["Key"].rsplit("/", 1)[-1].startswith(kept)]
-        for key in stale:
-            self.s3.delete_object(Bucket=job.bucket, Key=key)
-        if stale:
-            logger.info("removed files an earlier holder left", extra={"removed": len(stale)})
-
-
-def _check_kind(index: int, head: bytes, expected: str | None) -> str:
-    kind = sniff_image(head)
-    if kind is None:
-        raise NotAnImage(f"output image {index} is not an image (its first bytes are {head[:8]!r})")
-    if expected and kind != expected:
-        raise NotAnImage(f"output image {index} is {kind}, but {expected} was asked for")
-    return kind
-
-
-def _until(deadline: float, index: int, chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """The chunks, stopping with :class:`DeliveryFault` at ``deadline`` (a trickling host must not hold us)."""
-    for chunk in chunks:
-        if time.monotonic() > deadline:
-            raise DeliveryFault(f"output image {index}: still downloading at the deadline")
-        yield chunk
-
-
-def _peek(chunks: Iterator[bytes], size: int) -> tuple[bytes, Iterator[bytes]]:
-    """The first ``size`` bytes of a chunk stream, and the whole stream."""
-    taken: list[bytes] = []
-    have = 0
-    for chunk in chunks:
-        taken.append(chunk)
-        have += len(chunk)
-        if have >= size:
-            break
-    return b"".join(taken)[:size], itertools.chain(taken, chunks)
 
 
 def source_of(job: Job) -> dict[str, Any]:

@@ -1,0 +1,122 @@
+"""Admission and the line: a held job is sent when admission grants it a slot and the day's images, else it waits.
+
+A waiting job holds nothing; its place is its upload's arrival. When a slot is freed, the webhook (or recovery)
+signals the submit function, whose dispatcher gives free slots to the uploads waiting longest, checking each one's
+input is still there before it is sent. Only a full house (admission's wait) stops the dispatcher: a job that
+cannot be sent gets its record, or goes back to its place, and the line goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from kontext_s3.admission import Admission, Admitted, Wait
+from kontext_s3.completion import JobFinisher
+from kontext_s3.delivery import Attempt, LineAttempt, put_back
+from kontext_s3.edit_reading import Edit
+from kontext_s3.holding import Held, hold_ms
+from kontext_s3.input_image import InputImages
+from kontext_s3.jobs import JobState, JobStore, new_holder, now_ms
+from kontext_s3.log import logger
+from kontext_s3.outcomes import ChangeResult, Outcome
+from kontext_s3.sending import Sender
+
+#: Less time left than this, and a dispatcher stops: it could not hear fal's answer (the next signal goes on).
+DISPATCH_RESERVE_SECONDS = 5
+#: Waiting jobs one dispatcher pass reads.
+DISPATCH_PASS = 50
+
+
+class Line:
+    def __init__(self, *, jobs: JobStore, admission: Admission | None, images: InputImages, finisher: JobFinisher, sender: Sender) -> None:
+        self._jobs = jobs
+        self._admission = admission
+        self._images = images
+        self._finisher = finisher
+        self._sender = sender
+        self._lock = threading.Lock()
+        self._dispatching = False
+        self._again = False
+
+    def take_turn(self, held: Held, edit: Edit, attempt: Attempt, *, deadline: float) -> ChangeResult:
+        """Send the job if admission grants it a slot and the day's images; else it waits in line (nothing is failed)."""
+        job = held.job
+        never = self._admission.never_admits(edit.images) if self._admission else None
+        if never:  # it would wait for ever: a request larger than a whole day's budget
+            self._finisher.fail(job, held.holder, stage="admission", code="over_daily_budget", message=never)
+            return ChangeResult(Outcome.FAILED, job.key, job.job_id, never)
+        try:
+            decision = self._admission.admit(job.job_id, edit.images) if self._admission else Admitted(None, None, edit.images)
+        except Exception as exc:
+            return attempt.not_sent(held, edit, f"{type(exc).__name__}: {exc}", code="retries_exhausted", cause=exc)
+        if isinstance(decision, Wait):
+            put_back(self._jobs, held, edit, decision)
+            logger.info(decision.sentence(), extra={"wait_reason": decision.reason})
+            return ChangeResult(Outcome.WAITING, job.key, job.job_id, decision.reason, line_full=True)
+        return self._sender.send(held, edit, decision, attempt, deadline=deadline)
+
+    def dispatch_coalesced(self, *, deadline: float) -> list[ChangeResult]:
+        """One dispatcher per execution environment: a signal that arrives while one runs asks it for one more pass.
+
+        Several slots freed together send several signals, often in one batch; each pass reads the whole
+        line, so running them side by side would only race for the same waiting uploads.
+        """
+        with self._lock:
+            if self._dispatching:
+                self._again = True
+                return []
+            self._dispatching = True
+        results: list[ChangeResult] = []
+        try:
+            while True:
+                with self._lock:
+                    self._again = False
+                results.extend(self.dispatch(deadline=deadline))
+                with self._lock:
+                    if not self._again or deadline - time.monotonic() < DISPATCH_RESERVE_SECONDS:
+                        # Out of time with a pass still asked for: recovery's next run dispatches too.
+                        self._dispatching = False
+                        return results
+        except BaseException:
+            with self._lock:
+                self._dispatching = False
+            raise
+
+    def dispatch(self, *, deadline: float) -> list[ChangeResult]:
+        """Give free slots to the uploads waiting longest, until none is free."""
+        results: list[ChangeResult] = []
+        for job_id in self._jobs.open_job_ids(JobState.WAITING.value, checked_before_ms=now_ms() + 1, limit=DISPATCH_PASS):
+            if deadline - time.monotonic() < DISPATCH_RESERVE_SECONDS:
+                break
+            holder = new_holder()
+            job = self._jobs.take_waiting(job_id, holder=holder, hold_ms=hold_ms(deadline))
+            if job is None:
+                continue  # another dispatcher took it
+            logger.thread_safe_append_keys(job_id=job.job_id, object_key=job.key)
+            try:
+                result = self._turn_from_line(Held(job, holder), deadline)
+            finally:
+                logger.thread_safe_remove_keys(["job_id", "object_key"])
+            results.append(result)
+            if result.line_full:
+                break  # no slot (or no budget) left: the next freed slot signals again
+        return results
+
+    def _turn_from_line(self, held: Held, deadline: float) -> ChangeResult:
+        job = held.job
+        if not self._images.still_there(job.bucket, job.key, job.version_id):
+            # Deleted while it waited: cancelled here, never sent (Cancellation may have found it taken).
+            message = "the input object was deleted while the upload waited for its turn; nothing was sent"
+            self._finisher.fail(job, held.holder, stage="submit", code="cancelled", message=message, never_ran=True)
+            return ChangeResult(Outcome.CANCELLED, job.key, job.job_id, "input deleted while waiting")
+        body = json.loads(job.input_json or "{}")
+        edit = Edit(
+            body=body,
+            content_type=job.content_type or "image/jpeg",
+            image_json=job.image_json,
+            images=int(body.get("num_images") or 1),
+            recipe_json=job.recipe_json,
+        )
+        return self.take_turn(held, edit, LineAttempt(self._jobs), deadline=deadline)
