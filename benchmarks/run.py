@@ -10,6 +10,8 @@
 4. The webhook's copy of a 1, 5 and 20 MB image against a raw boto3 upload of
    the same bytes: time and peak memory, in a child process of its own.
 5. End-to-end throughput on the local stack.
+6. The submit function's peak memory on one batch of ten 25 MP sideways photos (``benchmarks.batch_memory``).
+7. AWS requests per edited upload, by function and IAM action (``benchmarks.requests_per_upload``).
 
 Results go to ``out/bench/latest.json`` and ``latest.md``; the README's tables
 change only with ``SAVE=1`` (``make bench SAVE=1``). These are measurements;
@@ -29,7 +31,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from benchmarks import coldstart
+from benchmarks import batch_memory, coldstart, requests_per_upload
 from benchmarks.readme import replace_section
 from kontext_s3.admission import is_dispatch
 from kontext_s3_tools.cli import upload_bytes
@@ -183,6 +185,17 @@ def markdown(report: dict[str, Any]) -> str:
             f"({load['uploads_per_s']} uploads/s), {load['lost']} lost, {load['duplicated']} duplicated; "
             f"upload-to-outputs p50 {latency['p50']} s, p95 {latency['p95']} s."
         )
+    if "memory" in report:
+        memory = report["memory"]
+        lines += [
+            "",
+            f"Submit function, one batch of {memory['photos']} sideways {memory['megapixels']} MP photos ({memory['upload_mb']} MB "
+            f"uploaded), each decoded, turned and written: peak RSS **{memory['peak_rss_mb']} MB** of its "
+            f"{memory['memory_size_mb']} MB, {memory['prepared']} prepared, {memory['seconds']} s.",
+        ]
+    for section in ("requests", "requests_at_once"):
+        if section in report:
+            lines += ["", requests_per_upload.markdown(report[section])]
     return "\n".join(lines)
 
 
@@ -193,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latencies", default="200,500")
     parser.add_argument("--sizes", default="1,5,20")
     parser.add_argument("--uploads", type=int, default=100, help="uploads for the end-to-end throughput figure")
-    parser.add_argument("--only", default="coldstart,submit,webhook,end_to_end", help="which sections to measure")
+    parser.add_argument("--only", default="coldstart,submit,webhook,end_to_end,memory,requests", help="which sections to measure")
     parser.add_argument("--save", action="store_true", default=os.environ.get("SAVE") == "1", help="write the tables into README.md")
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
@@ -226,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
             # fal with room for every request at once and no admission: what the pipeline itself sustains.
             measured = load_run(args.uploads, fal_concurrency=None, processing_ms=0, max_jobs_at_fal=0, presign_seconds=3600, timeout=600)
             report["end_to_end"] = {k: v for k, v in measured.items() if k not in ("machine", "logs")}
+        if "memory" in sections:
+            print("submit memory, one batch of ten 25 MP sideways photos ...", flush=True)
+            with batch_memory.stack_for_one_batch() as stack:
+                report["memory"] = batch_memory.peak_of_one_batch(stack, count=10, width=6124, height=4082, prefix="bench-memory")
+        if "requests" in sections:
+            print("AWS requests per upload ...", flush=True)
+            report["requests"] = requests_per_upload.measure(20)
+            report["requests_at_once"] = requests_per_upload.measure(20, at_once=True)
     except KeyboardInterrupt:
         print("\ninterrupted: what was measured so far is kept", file=sys.stderr)
         _write(report)

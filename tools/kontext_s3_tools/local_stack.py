@@ -184,6 +184,8 @@ def local_parameters(emulator: FalEmulator, **overrides: str) -> dict[str, str]:
         "AllowedMediaUrls": emulator.files_url,
         "RecoveryAfterSeconds": "5",
         "JobMaxAgeSeconds": "600",
+        # Nothing is billed locally: no daily cap unless a test or a tool asks for one (the template's default is 100).
+        "DailyImageBudget": "0",
         **overrides,
     }
 
@@ -630,18 +632,23 @@ class SqsPoller:
                 time.sleep(0.5)
 
     def _receive(self, wait_seconds: int) -> list[Any]:
+        """A batch as Lambda's mapping gathers it: once a message is in hand, more are waited for until the batch is
+        full or the batching window has passed (with no window, what one receive brings)."""
         messages: list[Any] = []
         window_ends = time.monotonic() + self._window
         while len(messages) < self._batch_size:
+            left = window_ends - time.monotonic()
+            if messages and left < 1:  # SQS waits in whole seconds
+                break
             got = self._sqs.receive_message(
                 QueueUrl=self._queue_url,
                 MaxNumberOfMessages=self._batch_size - len(messages),
-                WaitTimeSeconds=wait_seconds if not messages else 0,
+                WaitTimeSeconds=wait_seconds if not messages else min(20, int(left)),
                 MessageSystemAttributeNames=["All"],
                 MessageAttributeNames=["All"],
             ).get("Messages", [])
             messages.extend(got)
-            if not got or time.monotonic() >= window_ends:
+            if not messages:
                 break
         return messages
 

@@ -1,4 +1,8 @@
-"""moto's server (``python -m kontext_s3_tools.moto_server``), with one S3 notification put right.
+"""moto's server (``python -m kontext_s3_tools.moto_server``), with S3's notifications put right.
+
+moto's notification records carry neither ``versionId`` nor a ``sequencer``; S3's carry both (the version on a
+versioned bucket, the sequencer always). Without them the submit function pays a HEAD per upload to find the
+version, which it never pays on AWS; here the records name them as S3 does.
 
 moto's PutObject stores an upload's tags through the same backend call as the
 PutObjectTagging API, and that call sends ``s3:ObjectTagging:Put``: every
@@ -11,6 +15,7 @@ either way; ``tests/integration/test_submit.py`` shows it with the tagging API.)
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any
 
@@ -18,6 +23,8 @@ from moto.s3 import models, notifications, responses
 from moto.server import main
 
 _calls = threading.local()
+_sequence = itertools.count(1)
+_get_s3_event = notifications._get_s3_event
 _send_event = notifications.send_event
 _backend_tagging = models.S3Backend.put_object_tagging
 _api_tagging = responses.S3Response.put_object_tagging
@@ -45,6 +52,18 @@ def _api_tagging_marked(self: Any) -> Any:
         _calls.api = False
 
 
+def _s3_event_as_s3_sends_it(event_name: str, bucket: Any, key: Any, notification_id: str) -> dict[str, Any]:
+    event: dict[str, Any] = _get_s3_event(event_name, bucket, key, notification_id)
+    record = event["Records"][0]["s3"]["object"]
+    version = getattr(key, "version_id", None)
+    if version and version != "null":
+        record["versionId"] = version
+    # Ordered per key, as S3's are: a hexadecimal string compared by length, then lexically.
+    record["sequencer"] = f"{next(_sequence):016X}"
+    return event
+
+
+notifications._get_s3_event = _s3_event_as_s3_sends_it
 notifications.send_event = _send_unless_quiet
 models.S3Backend.put_object_tagging = _backend_tagging_quiet_unless_api  # type: ignore[method-assign]
 responses.S3Response.put_object_tagging = _api_tagging_marked  # type: ignore[method-assign]

@@ -96,19 +96,22 @@ class Admission:
         return None
 
     def admit(self, job_id: str, images: int) -> Admitted | Wait:
-        """A slot and the day's images for ``job_id``, or why it must wait (nothing is held then)."""
-        day = None
-        if self.daily_image_budget > 0:
-            day = self.today()
-            if not self._charge(day, images):
-                return Wait("budget", self.next_day_ms())
+        """A slot and the day's images for ``job_id``, or why it must wait (nothing is held then).
+
+        The slot first: a full house is seen in one read and costs no write, where charging the day's images first
+        would charge and refund them for every upload that meets it.
+        """
         slot = None
         if self.max_jobs_at_fal > 0:
             slot = self._take_slot(job_id)
             if slot is None:
-                if day is not None:
-                    self.refund(day, images)
                 return Wait("slot")
+        day = None
+        if self.daily_image_budget > 0:
+            day = self.today()
+            if not self._charge(day, images):
+                self.release(job_id, slot)
+                return Wait("budget", self.next_day_ms())
         return Admitted(slot, day, images)
 
     def release(self, job_id: str, slot: int | None) -> bool:
