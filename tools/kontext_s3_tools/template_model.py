@@ -78,10 +78,12 @@ class Stack:
         name: str,
         parameters: Mapping[str, str] | None = None,
         create: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
+        stack_uuid: uuid.UUID | None = None,
     ) -> None:
         self.cfn = cfn
         self.name = name
-        self.stack_id = f"arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/{name}/{uuid.uuid4()}"
+        # CloudFormation's stack ids end in a time-based (version 1) UUID; names built from it are unique per stack.
+        self.stack_id = f"arn:aws:cloudformation:{REGION}:{ACCOUNT}:stack/{name}/{stack_uuid or uuid.uuid1()}"
         self.parameters = {key: str(spec.get("Default", "")) for key, spec in cfn.get("Parameters", {}).items()}
         unknown = set(parameters or {}) - set(self.parameters)
         if unknown:
