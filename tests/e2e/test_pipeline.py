@@ -248,7 +248,8 @@ def test_a_duplicated_webhook_gives_one_output_set(stack: LocalStack, tmp_path: 
     target = stack.target()
     uploaded = cli.upload_image(target, image_file(tmp_path), {"prompt": "twice", "num_images": 2}, key="inputs/e2e/twice.jpg")
     assert cli.wait_for_result(target, uploaded, timeout=60, progress=lambda _: None).succeeded
-    eventually(lambda: len([d for d in stack.emulator.deliveries if d.get("status_code") == 200]) == 2, what="both deliveries")
+    # The duplicate is refused (409) while the first delivery finishes, then retried by fal for up to ~25 s.
+    eventually(lambda: len([d for d in stack.emulator.deliveries if d.get("status_code") == 200]) == 2, timeout=45, what="both deliveries")
     job = stack.jobs().get(uploaded.job_id)
     assert job is not None and [h.state for h in job.history].count(JobState.COMPLETED) == 1
     versions = stack.client("s3").list_object_versions(Bucket=target.bucket, Prefix=uploaded.output_prefix)["Versions"]
