@@ -64,13 +64,17 @@ demo: $(BIN)/.demo-installed .aws-sam/build-host/.built
 # the CLI and the pure modules.
 test: lint typecheck template build .aws-sam/build-host/.built $(VENV313)/.installed
 	$(call say,"the whole suite on python3.13")
-	$(VENV313)/bin/pytest
+	$(VENV313)/bin/pytest --durations=15
 	$(call say,"the CLI and the pure modules on python3.11")
 	$(BIN)/pytest tests/unit tests/integration/test_cli.py
 
-# The suite once, on the default Python, for the edit-test loop.
-test-fast: $(BIN)/.dev-installed .aws-sam/build-host/.built
-	$(BIN)/pytest
+# The fast tier, for the edit-test loop: the checks and the pure tests (no sockets, no local stack).
+# The tiers, by folder: unit (pure), integration and adversarial (the real handlers over sockets against moto and
+# the fal emulator), e2e (the local stack from the built artifact). `make test` runs them all.
+test-fast: $(BIN)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q tests/unit
 
 # Not part of CI: the newest releases the ranges in pyproject.toml allow, in a venv of their own under out/, built
 # with them and run through the demo and the end-to-end pipeline tests. An upstream release that breaks the stack is

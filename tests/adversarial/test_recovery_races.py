@@ -88,7 +88,7 @@ def until(predicate: Any, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_18_a_job_fal_no_longer_knows_is_failed_with_a_record_past_its_max_age(world: World) -> None:
+def test_a_job_fal_no_longer_knows_is_failed_with_a_record_past_its_max_age(world: World) -> None:
     recover = world.recover(RECOVERY_AFTER_SECONDS="0", JOB_MAX_AGE_SECONDS="4")
     accepted = fal_request(world, world.emulator.host_file("in.jpg", jpeg_bytes(), "image/jpeg"))
     job = job_for(world, accepted, "inputs/forgotten.jpg")
@@ -102,7 +102,7 @@ def test_18_a_job_fal_no_longer_knows_is_failed_with_a_record_past_its_max_age(w
     assert JobStore(world.aws.table()).open_job_ids("SUBMITTED", checked_before_ms=int(time.time() * 1000) + 1000) == []
 
 
-def test_24_recovery_reaches_finished_jobs_behind_a_backlog_of_long_running_ones(world: World) -> None:
+def test_recovery_reaches_finished_jobs_behind_a_backlog_of_long_running_ones(world: World) -> None:
     recover = world.recover(RECOVERY_AFTER_SECONDS="0", JOB_MAX_AGE_SECONDS="86400")
     image = world.emulator.host_file("in.jpg", jpeg_bytes(), "image/jpeg")
     world.emulator.set_faults(processing_ms=600_000)  # still running for the whole test
@@ -124,7 +124,7 @@ def test_24_recovery_reaches_finished_jobs_behind_a_backlog_of_long_running_ones
 
 
 @pytest.mark.parametrize("trial", range(10))
-def test_25_a_webhook_retry_landing_while_recovery_completes_the_job_announces_it_once(world: World, trial: int) -> None:
+def test_a_webhook_retry_landing_while_recovery_completes_the_job_announces_it_once(world: World, trial: int) -> None:
     recover = world.recover(RECOVERY_AFTER_SECONDS="0", JOB_MAX_AGE_SECONDS="86400")
     _, server = world.webhook()
     world.emulator.set_faults(lose_webhook=1)
@@ -150,7 +150,7 @@ def test_25_a_webhook_retry_landing_while_recovery_completes_the_job_announces_i
 
 
 @pytest.mark.parametrize("first", ["webhook", "cancel"])
-def test_26_a_cancel_racing_a_success_leaves_one_outcome(world: World, first: str) -> None:
+def test_a_cancel_racing_a_success_leaves_one_outcome(world: World, first: str) -> None:
     cancels = ScriptedHost(lambda _: Reply(202, b'{"status": "CANCELLATION_REQUESTED"}', {"Content-Type": "application/json"}, delay=0.8))
     try:
         submit = world.submit()

@@ -2,7 +2,6 @@
 
 Every case counts the POSTs fal received for the upload across every delivery
 SQS would make and a DLQ redrive: a POST that may have been enqueued is paid.
-Numbers in the names refer to the cases of the issue that found them.
 """
 
 from __future__ import annotations
@@ -48,11 +47,11 @@ def only_one_paid_post(world: World, key: str, version: str) -> None:
     assert len(world.emulator.requests) == 1
 
 
-# -- 1-4: paying twice --------------------------------------------------------------------------
+# -- paying twice --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fault", ["submit_garbage_2xx", "submit_500_enqueued"])
-def test_1_2_an_answer_that_proves_nothing_or_names_a_request_is_never_resent(world: World, fault: str, caplog: Any) -> None:
+def test_an_answer_that_proves_nothing_or_names_a_request_is_never_resent(world: World, fault: str, caplog: Any) -> None:
     world.emulator.set_faults(**{fault: 100})
     submit = world.submit()
     version = world.upload("inputs/lie.jpg")
@@ -77,7 +76,7 @@ def test_1_2_an_answer_that_proves_nothing_or_names_a_request_is_never_resent(wo
     ],
     ids=["throttled", "item too large"],
 )
-def test_3_a_jobs_table_failure_while_recording_the_accepted_submit_keeps_the_request_id_and_pays_once(
+def test_a_jobs_table_failure_while_recording_the_accepted_submit_keeps_the_request_id_and_pays_once(
     world: World, failure: Any, caplog: Any
 ) -> None:
     def recording_the_submit(call: Call) -> Any:
@@ -97,7 +96,7 @@ def test_3_a_jobs_table_failure_while_recording_the_accepted_submit_keeps_the_re
     assert job.request_id in world.emulator.requests  # the first request id is not lost
 
 
-def test_3_when_no_write_lands_after_sending_the_job_stays_sending_until_recovery_makes_it_uncertain(world: World) -> None:
+def test_when_no_write_lands_after_sending_the_job_stays_sending_until_recovery_makes_it_uncertain(world: World) -> None:
     world.gateway.add_fault(
         lambda call: (
             dynamodb_error("ProvisionedThroughputExceededException", "throttled")
@@ -119,7 +118,7 @@ def test_3_when_no_write_lands_after_sending_the_job_stays_sending_until_recover
     assert world.posts() == 1
 
 
-def test_4_packed_tags_that_inflate_without_bound_are_an_invalid_tag_and_nothing_is_sent(world: World) -> None:
+def test_packed_tags_that_inflate_without_bound_are_an_invalid_tag_and_nothing_is_sent(world: World) -> None:
     bomb = json.dumps({"prompt": "A" * 2_800_000})  # 2.8 MB of prompt in under 4 kB of tags
     tags = packed(bomb)
     assert sum(len(k) + len(v) for k, v in tags.items()) < 4000
@@ -134,7 +133,7 @@ def test_4_packed_tags_that_inflate_without_bound_are_an_invalid_tag_and_nothing
     assert "inflates to more than" in world.error_record(job)["message"]
 
 
-def test_4_a_prompt_over_the_documented_maximum_is_refused_and_the_longest_allowed_pays_once_in_a_small_record(world: World) -> None:
+def test_a_prompt_over_the_documented_maximum_is_refused_and_the_longest_allowed_pays_once_in_a_small_record(world: World) -> None:
     submit = world.submit()
     too_long = world.upload("inputs/too-long.jpg", tags=packed(json.dumps({"prompt": "Make it purple, please. " * 200})))
     assert world.deliver_until_dead(submit, world.upload_event()) == 0
@@ -153,7 +152,7 @@ def test_4_a_prompt_over_the_documented_maximum_is_refused_and_the_longest_allow
     assert len(json.dumps(world.raw_job_item(job.job_id))) < 40_000  # far under DynamoDB's 400 KB item
 
 
-# -- 13-17: messages and events that are not what they seem -------------------------------------
+# -- messages and events that are not what they seem -------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -164,7 +163,7 @@ def test_4_a_prompt_over_the_documented_maximum_is_refused_and_the_longest_allow
         (json.dumps({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}}}]}), "no key"),
     ],
 )
-def test_13_a_poison_message_fails_with_a_log_line_of_ours_naming_it(world: World, caplog: Any, body: str, why: str) -> None:
+def test_a_poison_message_fails_with_a_log_line_of_ours_naming_it(world: World, caplog: Any, body: str, why: str) -> None:
     submit = world.submit()
     message = {"MessageId": str(uuid.uuid4()), "ReceiptHandle": "r", "Body": body, "Attributes": {}}
     assert world.deliver(submit, message) == [message["MessageId"]]
@@ -172,7 +171,7 @@ def test_13_a_poison_message_fails_with_a_log_line_of_ours_naming_it(world: Worl
     assert lines, f"no log line of ours for a message with {why}"
 
 
-def test_13_a_cancel_fal_answers_404_is_logged_and_does_not_poison_the_message(world: World, caplog: Any) -> None:
+def test_a_cancel_fal_answers_404_is_logged_and_does_not_poison_the_message(world: World, caplog: Any) -> None:
     submit = world.submit()
     version = world.upload("inputs/forgotten.jpg")
     world.deliver(submit, world.upload_event())
@@ -197,7 +196,7 @@ def test_13_a_cancel_fal_answers_404_is_logged_and_does_not_poison_the_message(w
     ],
     ids=["deep nesting", "lone surrogate", "lone low surrogate"],
 )
-def test_14_malformed_but_decodable_packed_tags_are_an_immediate_invalid_tag(world: World, document: str) -> None:
+def test_malformed_but_decodable_packed_tags_are_an_immediate_invalid_tag(world: World, document: str) -> None:
     submit = world.submit()
     version = world.upload("inputs/malformed.jpg", tags=packed(document))
     assert world.deliver(submit, world.upload_event()) == []  # not retried: retrying cannot fix a tag
@@ -206,7 +205,7 @@ def test_14_malformed_but_decodable_packed_tags_are_an_immediate_invalid_tag(wor
     assert world.posts() == 0
 
 
-def test_15_a_key_with_dot_segments_is_refused_before_any_submit(world: World) -> None:
+def test_a_key_with_dot_segments_is_refused_before_any_submit(world: World) -> None:
     submit = world.submit()
     world.upload("inputs/placeholder.jpg")
     message = world.upload_event()
@@ -221,7 +220,7 @@ def test_15_a_key_with_dot_segments_is_refused_before_any_submit(world: World) -
     assert world.posts() == 0
 
 
-def test_16_a_record_for_another_bucket_is_ignored_with_a_log_line(world: World, caplog: Any) -> None:
+def test_a_record_for_another_bucket_is_ignored_with_a_log_line(world: World, caplog: Any) -> None:
     submit = world.submit()
     world.upload("inputs/elsewhere.jpg")
     message = world.upload_event()
@@ -233,7 +232,7 @@ def test_16_a_record_for_another_bucket_is_ignored_with_a_log_line(world: World,
     assert any("another bucket" in r.getMessage() for r in our_log_lines(caplog))
 
 
-def test_17_an_upload_deleted_before_its_event_is_handled_is_not_paid_for(world: World) -> None:
+def test_an_upload_deleted_before_its_event_is_handled_is_not_paid_for(world: World) -> None:
     submit = world.submit()
     world.upload("inputs/regret.jpg")
     message = world.upload_event()
@@ -244,10 +243,10 @@ def test_17_an_upload_deleted_before_its_event_is_handled_is_not_paid_for(world:
     assert world.posts() == 0
 
 
-# -- 27: credentials at rest --------------------------------------------------------------------
+# -- credentials at rest --------------------------------------------------------------------
 
 
-def test_27_a_refusal_that_echoes_the_presigned_url_stores_no_credential(world: World) -> None:
+def test_a_refusal_that_echoes_the_presigned_url_stores_no_credential(world: World) -> None:
     def echoing_fal(request: Seen) -> Reply:
         sent = json.loads(request.body)
         detail = [{"loc": ["body", "image_url"], "msg": f"could not read {sent['image_url']}", "input": sent}]

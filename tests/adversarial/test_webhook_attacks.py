@@ -95,7 +95,7 @@ def stored(world: World, job: Job) -> list[str]:
     return [key.rsplit("/", 1)[-1] for key in world.aws.keys(job.output_prefix)]
 
 
-def test_5_ten_thousand_images_are_capped_at_the_number_asked(world: World) -> None:
+def test_ten_thousand_images_are_capped_at_the_number_asked(world: World) -> None:
     _, server = world.webhook()
     job = submitted(world, num_images=2)
     two = hosted(world, job, 2)
@@ -117,7 +117,7 @@ def test_5_ten_thousand_images_are_capped_at_the_number_asked(world: World) -> N
     assert ended is not None and ended.state is JobState.COMPLETED and len(ended.output_keys) == 2
 
 
-def test_6_a_media_host_trickling_a_byte_a_second_cannot_hold_the_function(world: World) -> None:
+def test_a_media_host_trickling_a_byte_a_second_cannot_hold_the_function(world: World) -> None:
     trickle = ScriptedHost(lambda _: Reply(200, (bytes([b]) for b in jpeg_bytes()), {"Content-Type": "image/jpeg"}, chunk_delay=1.0))
     try:
         _, server = world.webhook(timeout_seconds=15.0, ALLOWED_MEDIA_URLS=f"{trickle.url}/")
@@ -134,7 +134,7 @@ def test_6_a_media_host_trickling_a_byte_a_second_cannot_hold_the_function(world
         trickle.stop()
 
 
-def test_7_a_page_that_is_not_an_image_is_not_stored_as_one(world: World) -> None:
+def test_a_page_that_is_not_an_image_is_not_stored_as_one(world: World) -> None:
     liar = ScriptedHost(lambda _: Reply(200, b"<html><body>Sign in to continue</body></html>" * 20, {"Content-Type": "image/jpeg"}))
     try:
         _, server = world.webhook(ALLOWED_MEDIA_URLS=f"{liar.url}/")
@@ -148,7 +148,7 @@ def test_7_a_page_that_is_not_an_image_is_not_stored_as_one(world: World) -> Non
         liar.stop()
 
 
-def test_8_fewer_images_than_asked_or_none_are_recorded_as_what_they_are(world: World) -> None:
+def test_fewer_images_than_asked_or_none_are_recorded_as_what_they_are(world: World) -> None:
     _, server = world.webhook()
     none = submitted(world, "inputs/none.jpg", num_images=2)
     assert post(world, server.url, none, ok(none, [])).status_code == 200
@@ -177,7 +177,7 @@ def _consistent(world: World, job: Job) -> JobState:
 
 
 @pytest.mark.parametrize("trial", range(4))
-def test_9_ok_and_error_for_one_job_at_once_leave_one_outcome(world: World, trial: int) -> None:
+def test_ok_and_error_for_one_job_at_once_leave_one_outcome(world: World, trial: int) -> None:
     _, server = world.webhook()
     world.emulator.set_faults(file_delay_ms=300)  # the OK is mid-copy when the ERROR lands
     job = submitted(world, num_images=1)
@@ -201,7 +201,7 @@ def test_9_ok_and_error_for_one_job_at_once_leave_one_outcome(world: World, tria
     assert len(world.events()) == 1
 
 
-def test_10_the_same_webhook_twenty_times_at_once_copies_once_and_announces_once(world: World) -> None:
+def test_the_same_webhook_twenty_times_at_once_copies_once_and_announces_once(world: World) -> None:
     _, server = world.webhook()
     world.emulator.set_faults(file_delay_ms=200)
     job = submitted(world, num_images=2)
@@ -219,7 +219,7 @@ def test_10_the_same_webhook_twenty_times_at_once_copies_once_and_announces_once
     assert len(world.events()) == 1
 
 
-def test_11_a_signed_webhook_from_another_fal_account_is_refused(world: World) -> None:
+def test_a_signed_webhook_from_another_fal_account_is_refused(world: World) -> None:
     _, server = world.webhook(FAL_USER_ID="our-account")
     job = submitted(world, num_images=1)
     response = post(world, server.url, job, ok(job, hosted(world, job, 1)), user_id="their-account")
@@ -231,7 +231,7 @@ def test_11_a_signed_webhook_from_another_fal_account_is_refused(world: World) -
 @pytest.mark.parametrize(
     "path", ["/files/../private/x.png", "/files/./../private/x.png", "/files/%2e%2e/private/x.png", "/files/.%2E/x.png"]
 )
-def test_12_urls_that_leave_the_allowed_prefix_once_normalised_are_refused_unrequested(world: World, path: str) -> None:
+def test_urls_that_leave_the_allowed_prefix_once_normalised_are_refused_unrequested(world: World, path: str) -> None:
     host = ScriptedHost(lambda _: Reply(200, jpeg_bytes(), {"Content-Type": "image/jpeg"}))
     try:
         _, server = world.webhook(ALLOWED_MEDIA_URLS=f"{host.url}/files/")
@@ -244,7 +244,7 @@ def test_12_urls_that_leave_the_allowed_prefix_once_normalised_are_refused_unreq
         host.stop()
 
 
-def test_27_an_error_that_echoes_the_presigned_url_stores_no_credential(world: World) -> None:
+def test_an_error_that_echoes_the_presigned_url_stores_no_credential(world: World) -> None:
     _, server = world.webhook()
     job = submitted(world, num_images=1)
     document = {
