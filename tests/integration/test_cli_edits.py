@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from kontext_s3.tag_codec import decode_tags, parse_tagging_header
 from kontext_s3_tools import cli
 from kontext_s3_tools.local_stack import aws_environment
 from tests.helpers import Aws, jpeg_bytes
+from tests.integration.test_cli_target import kontext_s3, one_line
 
 
 @pytest.fixture
@@ -40,27 +38,6 @@ def image(tmp_path: Path) -> Path:
     path = tmp_path / "photo.jpg"
     path.write_bytes(jpeg_bytes())
     return path
-
-
-def kontext_s3(env: Mapping[str, str], cwd: Path, *argv: str) -> tuple[int, str, str]:
-    # check=False: a refusal's exit code is what these tests look at.
-    done = subprocess.run(
-        [sys.executable, "-m", "kontext_s3_tools.cli", *argv],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=dict(env),
-        cwd=cwd,
-        timeout=120,
-    )
-    assert "Traceback" not in done.stderr, done.stderr
-    return done.returncode, done.stdout, done.stderr
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def keys(aws: Aws) -> list[str]:

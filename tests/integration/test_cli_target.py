@@ -14,10 +14,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import uuid
-from collections.abc import Iterator, Mapping
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,9 @@ from kontext_s3.model_schema import MAX_QUOTE_CHARS
 from kontext_s3_tools import cli
 from kontext_s3_tools.local_stack import aws_environment
 from tests.helpers import Aws, jpeg_bytes
+from tests.integration.test_cli import expired_endpoint
+
+__all__ = ["expired_endpoint"]
 
 DEFAULT = str(cli.DEFAULT_ENV_FILE)
 LOCAL = {
@@ -387,32 +388,6 @@ def test_a_bucket_option_beside_a_running_local_stack_is_not_told_to_sign_in(
     line = one_line(err)
     assert code == cli.EXIT_FAILED and "sso" not in line
     assert "--bucket aims this command at AWS, not at the local stack of out/stack.env" in line
-
-
-class _ExpiredS3(BaseHTTPRequestHandler):
-    """Answers every request as S3 does when the session token has expired."""
-
-    def _answer(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = b"<Error><Code>ExpiredToken</Code><Message>The provided token has expired.</Message></Error>"
-        self.send_response(400)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_PUT = do_GET = do_POST = do_HEAD = _answer
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def expired_endpoint() -> Iterator[str]:
-    server = HTTPServer(("127.0.0.1", 0), _ExpiredS3)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
 
 
 def test_expired_credentials_at_a_local_endpoint_point_at_the_local_stack(
