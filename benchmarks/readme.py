@@ -1,4 +1,4 @@
-"""Putting measured tables into README.md, between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``, only when asked."""
+"""Putting measured tables into a docs page, between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``, only when asked."""
 
 from __future__ import annotations
 

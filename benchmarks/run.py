@@ -13,7 +13,7 @@
 6. The submit function's peak memory on one batch of ten 25 MP sideways photos (``benchmarks.batch_memory``).
 7. AWS requests per edited upload, by function and IAM action (``benchmarks.requests_per_upload``).
 
-Results go to ``out/bench/latest.json`` and ``latest.md``; the README's tables
+Results go to ``out/bench/latest.json`` and ``latest.md``; the tables in docs/development.md
 change only with ``SAVE=1`` (``make bench SAVE=1``). These are measurements;
 no test asserts a time. Ctrl-C stops cleanly, keeping what was measured.
 """
@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1,5,20")
     parser.add_argument("--uploads", type=int, default=100, help="uploads for the end-to-end throughput figure")
     parser.add_argument("--only", default="coldstart,submit,webhook,end_to_end,memory,requests", help="which sections to measure")
-    parser.add_argument("--save", action="store_true", default=os.environ.get("SAVE") == "1", help="write the tables into README.md")
+    parser.add_argument(
+        "--save", action="store_true", default=os.environ.get("SAVE") == "1", help="write the tables into docs/development.md"
+    )
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "ERROR")
@@ -254,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     table = _write(report)
     print(table)
     if args.save:
-        replace_section(ROOT / "README.md", "bench", table)
-        print("README.md updated (SAVE=1)")
+        replace_section(ROOT / "docs" / "development.md", "bench", table)
+        print("docs/development.md updated (SAVE=1)")
     return 0
 
 

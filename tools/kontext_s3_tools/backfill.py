@@ -11,7 +11,7 @@ An object whose upload already has a job is not queued at all, so a second
 run queues nothing. One listing of the prefix (``ListObjectVersions``, for the
 version each job is named by) and one jobs-table read per object are the cost;
 for millions of objects, S3 Batch Operations over an inventory would do the
-listing instead (not built: see the README).
+listing instead (not built: see docs/tags-and-recipes.md).
 """
 
 from __future__ import annotations

@@ -306,7 +306,7 @@ def _elide_data_uris(value: Any) -> Any:
 
 def _advice(code: str, retryable: bool) -> str:
     if code in ("invalid_tags", "invalid_input"):
-        return "Fix the tags named in 'problems' and upload the image again (see the README's tag reference)."
+        return "Fix the tags named in 'problems' and upload the image again (see docs/tags-and-recipes.md)."
     if code == "invalid_recipe":
         return "Fix the recipe's fields named in 'problems' (kontext-s3 recipe put), then upload the image again."
     if code == "unsupported_object":
