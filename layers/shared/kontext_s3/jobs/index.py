@@ -14,8 +14,10 @@ from __future__ import annotations
 from kontext_s3.jobs.model import JobState
 
 OPEN_JOBS_INDEX = "open-jobs"
-#: Partitions per open state in the index; a job's shard comes from its id.
-OPEN_SHARDS = 8
+#: Partitions per open state in the index; a job's shard comes from its id. Every recovery run reads each shard of
+#: each open state, so fewer is cheaper; four partitions take thousands of index writes a second, far more than
+#: fal's concurrency lets a stack make.
+OPEN_SHARDS = 4
 NOTIFY = "NOTIFY"
 #: How long the right to publish an ended job's event is held before another caller (recovery) may take it.
 NOTIFY_HOLD_MS = 30_000
@@ -25,7 +27,7 @@ def shards_of(state: str) -> int:
     """How many shards a state's open jobs spread over in the index.
 
     The line (WAITING) is one shard: it is read on every dispatch, at the rate slots free up, and its writes come at
-    the rate uploads wait, far below one partition's limit; one query then reads it instead of eight. The states
+    the rate uploads wait, far below one partition's limit; one query then reads it instead of one per shard. The states
     recovery reads in the background spread over :data:`OPEN_SHARDS`.
     """
     return 1 if state == JobState.WAITING.value else OPEN_SHARDS

@@ -29,7 +29,7 @@ class JobReads(TableAccess):
         shards = shards_of(state)
         if shards == 1:
             return [job_id for _, job_id in shard_head(0)]
-        # The shards are read at once: one query's latency, not eight.
+        # The shards are read at once: one query's latency, not one per shard.
         with ThreadPoolExecutor(max_workers=shards, thread_name_prefix="open-jobs") as pool:
             heads = list(pool.map(shard_head, range(shards)))
         return [job_id for _, job_id in heapq.merge(*heads)][:limit]
