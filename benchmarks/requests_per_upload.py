@@ -80,7 +80,8 @@ def measure(uploads: int = 20, *, at_once: bool = False) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"AWS requests per edited upload ({result['uploads']} uploads, template defaults, recovery run once): **{result['per_upload']}**",
+        f"AWS requests per edited upload ({result['uploads']} uploads {'at once' if result['at_once'] else 'one after another'}, "
+        f"template defaults, recovery run once): **{result['per_upload']}**",
         "",
         "| function and IAM action | requests per upload |",
         "| --- | ---: |",

@@ -190,31 +190,35 @@ class Admission:
         return True
 
     def _take_slot(self, job_id: str) -> int | None:
-        # Start where the job's id points, so concurrent takers spread over the slots instead of colliding.
+        # Start where the job's id points, so concurrent takers spread over the slots instead of colliding. That slot
+        # is tried at once (one write, the common case when slots are free); only when it is taken does one read say
+        # which others look free, so a full house costs two calls instead of a failed write per slot.
         try:
             first = int(job_id[:8], 16) % self.max_jobs_at_fal
         except ValueError:
             first = 0
-        # One read says which slots look free, so a full house costs one call instead of a failed write per slot
-        # (and every upload that arrives while others wait meets a full house). The conditional write still decides.
+        if self._try_slot(first, job_id):
+            return first
         held = self.holders()
-        for offset in range(self.max_jobs_at_fal):
+        for offset in range(1, self.max_jobs_at_fal):
             slot = (first + offset) % self.max_jobs_at_fal
-            if slot in held:
-                continue
-            try:
-                self._table.update_item(
-                    Key=table_keys.slot(slot),
-                    UpdateExpression="SET holder_job = :job, taken_at_ms = :at",
-                    ConditionExpression="attribute_not_exists(holder_job)",
-                    ExpressionAttributeValues={":job": job_id, ":at": int(self._clock() * 1000)},
-                )
-            except ClientError as exc:
-                if _conditional_failure(exc):
-                    continue
-                raise
-            return slot
+            if slot not in held and self._try_slot(slot, job_id):
+                return slot
         return None
+
+    def _try_slot(self, slot: int, job_id: str) -> bool:
+        try:
+            self._table.update_item(
+                Key=table_keys.slot(slot),
+                UpdateExpression="SET holder_job = :job, taken_at_ms = :at",
+                ConditionExpression="attribute_not_exists(holder_job)",
+                ExpressionAttributeValues={":job": job_id, ":at": int(self._clock() * 1000)},
+            )
+        except ClientError as exc:
+            if _conditional_failure(exc):
+                return False
+            raise
+        return True
 
 
 DISPATCH = {"kontext_s3": "dispatch"}

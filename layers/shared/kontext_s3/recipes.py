@@ -135,6 +135,7 @@ def _nesting(text: str) -> int:
 #: this long and for this many keys: a batch of uploads into one folder looks its recipes up once, not once each.
 HEAD_REUSE_SECONDS = 60
 HEAD_REUSE_KEYS = 512
+CLOCK_MARGIN_SECONDS = 0.5
 #: Recipe versions read, kept by (key, version): a version never changes.
 READ_REUSE_VERSIONS = 64
 
@@ -175,10 +176,12 @@ class RecipeBook:
     def _head(self, key: str, arrived: datetime) -> _Head:
         seen = self._heads.get(key)
         now = self._clock()
-        if seen is not None and _to_second(arrived) <= seen.seen_at and now - seen.seen_at < timedelta(seconds=HEAD_REUSE_SECONDS):
+        # The arrival as S3 stamped it, to the millisecond (not cut to the second as LastModified comparisons are):
+        # only an upload that arrived before the HEAD was made may be answered by it.
+        if seen is not None and arrived <= seen.seen_at and now - seen.seen_at < timedelta(seconds=HEAD_REUSE_SECONDS):
             return seen
-        # A second back for the clocks: S3 stamps arrivals with its own.
-        seen_at = now - timedelta(seconds=1)
+        # Half a second back for the clocks: S3 stamps arrivals with its own, and AWS keeps both within milliseconds.
+        seen_at = now - timedelta(seconds=CLOCK_MARGIN_SECONDS)
         try:
             head = _Head(seen_at, dict(self._s3.head_object(Bucket=self._bucket, Key=key)), deleted=False)
         except ClientError as exc:
