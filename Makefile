@@ -90,7 +90,8 @@ test-latest:
 	@$(LATEST)/bin/pip install --quiet --disable-pip-version-check --upgrade '.[test,build]' $(PIP_NOISE)
 	@$(LATEST)/bin/pip freeze --exclude kontext-s3 > out/latest-versions.txt
 	@echo "installed (out/latest-versions.txt): $$(grep -iE '^(moto|boto3|aws-sam-cli|aws-sam-translator|pytest|pillow)==' out/latest-versions.txt | tr '\n' ' ')"
-	@echo "changed from locks/dev-py3.11.txt: $$(grep -oiE '^[a-z0-9_.-]+==[^ ]+' locks/dev-py3.11.txt | sort -f | comm -13i - <(sort -f out/latest-versions.txt) | tr '\n' ' ')"
+	@echo "changed from locks/dev-py3.11.txt: $$(comm -13 <(grep -oiE '^[a-z0-9_.-]+==[^ ]+' locks/dev-py3.11.txt | tr A-Z_ a-z- | sort) \
+		<(tr A-Z_ a-z- < out/latest-versions.txt | sort) | tr '\n' ' ')"
 	$(call say,"building with them")
 	@LAYER_PLATFORM=$(HOST_PLATFORM) SAM_CLI_TELEMETRY=0 PATH="$(dir $(PY313)):$$PATH" $(LATEST)/bin/sam build --build-dir out/build-latest > out/build-latest.log 2>&1 \
 		|| { tail -30 out/build-latest.log; exit 1; }

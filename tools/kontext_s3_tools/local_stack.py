@@ -787,7 +787,8 @@ class FunctionUrlServer:
 
 def host_build_dir() -> Path:
     """The artifact built for this machine (``make build-host``)."""
-    build = Path(os.environ.get("KONTEXT_BUILD_DIR") or HOST_BUILD)
+    # Absolute: each function's environment mounts it from its own working directory.
+    build = Path(os.environ.get("KONTEXT_BUILD_DIR") or HOST_BUILD).resolve()
     if not (build / "SharedLayer" / "python" / "kontext_s3").is_dir():
         raise RuntimeError(f"no built artifact in {build}: run `make build-host` (sam build for {platform.machine()}) first")
     return build
