@@ -61,10 +61,11 @@ demo: $(BIN)/.demo-installed .aws-sam/build-host/.built
 
 # Everything CI runs: checks, both builds, the whole suite on python3.13 (the runtime the template deploys; the
 # functions run on it from the build whatever runs the harness), and on 3.11 what runs on the user's own Python:
-# the CLI and the pure modules.
+# the CLI and the pure modules. The suite runs in two processes, a file each at a time (its tests mostly wait on
+# sockets; a file's fixtures, such as the e2e package's local stack, stay within one process).
 test: lint typecheck template build .aws-sam/build-host/.built $(VENV313)/.installed
 	$(call say,"the whole suite on python3.13")
-	$(VENV313)/bin/pytest --durations=15
+	$(VENV313)/bin/pytest -n 2 --dist loadfile --durations=15
 	$(call say,"the CLI and the pure modules on python3.11")
 	$(BIN)/pytest tests/unit tests/integration/test_cli.py
 
