@@ -20,7 +20,7 @@ PIP_NOISE := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2
 BUILD_INPUTS := template.yaml $(shell find layers functions -type f -not -path '*/__pycache__/*' -not -name '*.pyc')
 say = @printf '\033[1m==> %s\033[0m\n' $(1)
 
-.PHONY: demo stack test test-fast test-latest lint typecheck template bench load load-limited load-unlimited load-busy build build-host lock clean
+.PHONY: demo deploy stack test test-fast test-latest lint typecheck template bench load load-limited load-unlimited load-busy build build-host lock clean
 
 # -- environments, each from its lock --------------------------------------------------------------------------------
 
@@ -134,6 +134,11 @@ build-host: .aws-sam/build-host/.built
 	@LAYER_PLATFORM=$(HOST_PLATFORM) $(SAM) build --build-dir .aws-sam/build-host > out/build-host.log 2>&1 \
 		|| { tail -30 out/build-host.log; exit 1; }
 	@touch $@
+
+# A first deploy: the four questions it must decide (stack, region, daily image budget, fal user id), then sam deploy
+# of the artifact above, every other parameter at the template's default.
+deploy: .aws-sam/build/.built
+	$(BIN)/python -m kontext_s3_tools.first_deploy --sam "$(BIN)/sam"
 
 # -- measurements (results under out/) ---------------------------------------------------------------------------------
 
