@@ -171,22 +171,6 @@ def test_a_poison_message_fails_with_a_log_line_of_ours_naming_it(world: World, 
     assert lines, f"no log line of ours for a message with {why}"
 
 
-def test_a_cancel_fal_answers_404_is_logged_and_does_not_poison_the_message(world: World, caplog: Any) -> None:
-    submit = world.submit()
-    version = world.upload("inputs/forgotten.jpg")
-    world.deliver(submit, world.upload_event())
-    world.emulator.requests.clear()  # fal no longer knows the request
-    world.aws.s3.delete_object(Bucket=world.aws.resources.bucket, Key="inputs/forgotten.jpg", VersionId=version)
-    removal = world.upload_event()  # moto sends ObjectRemoved:Delete for the last version, without its versionId (S3 names it)
-    body = json.loads(removal["Body"])
-    assert body["Records"][0]["eventName"] == "ObjectRemoved:Delete"
-    body["Records"][0]["s3"]["object"]["versionId"] = version
-    assert world.deliver(submit, {**removal, "Body": json.dumps(body)}) == []
-    assert any("refused the cancel" in r.getMessage() for r in our_log_lines(caplog))
-    job = world.job("inputs/forgotten.jpg", version)
-    assert job.state is JobState.SUBMITTED and job.holder is None  # left for recovery, not held
-
-
 @pytest.mark.parametrize(
     "document",
     [
@@ -230,17 +214,6 @@ def test_a_record_for_another_bucket_is_ignored_with_a_log_line(world: World, ca
     assert world.posts() == 0
     assert world.aws.table().scan()["Items"] == []
     assert any("another bucket" in r.getMessage() for r in our_log_lines(caplog))
-
-
-def test_an_upload_deleted_before_its_event_is_handled_is_not_paid_for(world: World) -> None:
-    submit = world.submit()
-    world.upload("inputs/regret.jpg")
-    message = world.upload_event()
-    world.aws.s3.delete_object(Bucket=world.aws.resources.bucket, Key="inputs/regret.jpg")  # a delete marker
-    assert world.deliver(submit, message) == []
-    [job] = world.jobs_of("inputs/regret.jpg")
-    assert job.state is JobState.FAILED and job.error_code == "input_missing"
-    assert world.posts() == 0
 
 
 # -- credentials at rest --------------------------------------------------------------------

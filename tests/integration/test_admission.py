@@ -133,18 +133,6 @@ def test_the_slot_comes_back_when_recovery_finds_the_job_ended(limited: tuple[Wo
     freed_once(world, job)
 
 
-def test_the_slot_comes_back_when_a_deleted_input_is_cancelled_at_fal(limited: tuple[World, ModuleType, str]) -> None:
-    world, submit, _ = limited
-    job = submitted_with_slot(world, submit, "inputs/deleted.jpg", queue_ms=30_000)
-    world.aws.s3.delete_object(Bucket=job.bucket, Key=job.key, VersionId=job.version_id)
-    removal = world.upload_event()
-    body = json.loads(removal["Body"])
-    body["Records"][0]["s3"]["object"]["versionId"] = job.version_id  # S3 names it; moto does not
-    assert world.deliver(submit, {**removal, "Body": json.dumps(body)}) == []
-    assert world.job("inputs/deleted.jpg", job.version_id or "").error_code == "cancelled"
-    freed_once(world, job)
-
-
 def test_the_slot_comes_back_when_recovery_ends_a_job_past_its_max_age(limited: tuple[World, ModuleType, str]) -> None:
     world, submit, _ = limited
     job = submitted_with_slot(world, submit, "inputs/old.jpg", queue_ms=30_000)

@@ -88,39 +88,6 @@ def test_a_tag_that_asks_no_edit_put_after_the_folders_recipe_changed_runs_nothi
     assert len(world.jobs_of_upload("inputs/dam/a.jpg", version)) == 1
 
 
-def test_an_upload_deleted_while_it_waits_for_a_slot_is_cancelled_and_never_sent(world: World) -> None:
-    submit = world.submit(MAX_JOBS_AT_FAL="1")
-    holder = full_house(world, submit)
-    version = world.upload("inputs/waits.jpg")
-    assert world.deliver(submit, world.upload_event()) == []
-    assert world.job("inputs/waits.jpg", version).state is JobState.WAITING
-
-    world.aws.s3.delete_object(Bucket=world.aws.resources.bucket, Key="inputs/waits.jpg", VersionId=version)
-    assert world.deliver(submit, removal_of(world, version)) == []
-    job = world.job("inputs/waits.jpg", version)
-    assert job.state is JobState.FAILED and job.error_code == "cancelled"
-    assert "waited for its turn" in world.error_record(job)["message"]
-
-    free_the_slot(world, holder)
-    dispatch(world, submit)
-    assert world.posts() == 1  # only the upload that was at fal already
-
-
-def test_the_line_checks_the_input_before_it_sends_even_when_the_deletion_was_not_yet_heard(world: World) -> None:
-    submit = world.submit(MAX_JOBS_AT_FAL="1")
-    holder = full_house(world, submit)
-    version = world.upload("inputs/gone.jpg")
-    assert world.deliver(submit, world.upload_event()) == []
-    world.aws.s3.delete_object(Bucket=world.aws.resources.bucket, Key="inputs/gone.jpg", VersionId=version)
-    world.aws.receive(wait=1)  # its removal event is still on its way (taken off the queue here, undelivered)
-
-    free_the_slot(world, holder)
-    dispatch(world, submit)
-    job = world.job("inputs/gone.jpg", version)
-    assert job.state is JobState.FAILED and job.error_code == "cancelled"
-    assert world.posts() == 1
-
-
 def test_one_waiting_upload_that_cannot_be_sent_gets_its_record_and_the_line_moves_on(world: World) -> None:
     # With data URIs the image is read at its turn: a version deleted meanwhile cannot be sent.
     submit = world.submit(MAX_JOBS_AT_FAL="1", IMAGE_TRANSPORT="data-uri")
