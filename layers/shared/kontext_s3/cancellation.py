@@ -7,11 +7,11 @@ at fal, so it is simply ended with a ``cancelled`` record.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from kontext_s3.completion import JobFinisher
 from kontext_s3.fal_queue import FalError, FalQueueClient, FalRejected
+from kontext_s3.holding import Held, submit_hold_ms
 from kontext_s3.job_id import derive_job_id
 from kontext_s3.jobs import AT_FAL, Job, JobState, JobStore, new_holder
 from kontext_s3.log import logger
@@ -77,14 +77,10 @@ class Cancellation:
 
     def _cancel_waiting(self, job: Job, deadline: float) -> bool:
         """A job waiting in line was never sent: take it from the line and end it. A dispatcher that took it first
-        checks the input before it sends (``submit``), so it is cancelled there instead."""
+        checks the input before it sends (``line``), and ends it there the same way."""
         holder = new_holder()
-        hold_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + 10_000
-        taken = self._jobs.take_waiting(job.job_id, holder=holder, hold_ms=hold_ms)
-        if taken is None:
-            return False
-        message = "the input object was deleted while the upload waited for its turn; nothing was sent"
-        return self._finisher.fail(taken, holder, stage="submit", code="cancelled", message=message, never_ran=True) is not None
+        taken = self._jobs.take_waiting(job.job_id, holder=holder, hold_ms=submit_hold_ms(deadline))
+        return taken is not None and cancel_unsent(self._finisher, Held(taken, holder)) is not None
 
     def _removed_versions(self, change: ObjectChange) -> list[str]:
         """Which versions a removal is about.
@@ -97,3 +93,9 @@ class Cancellation:
             return [change.version_id]
         listing = self._s3.list_object_versions(Bucket=change.bucket, Prefix=change.key)
         return [v["VersionId"] for v in listing.get("Versions", []) if v.get("Key") == change.key and v.get("VersionId")]
+
+
+def cancel_unsent(finisher: JobFinisher, held: Held) -> Job | None:
+    """End a held job that was never sent, because its input was deleted while it waited for its turn."""
+    message = "the input object was deleted while the upload waited for its turn; nothing was sent"
+    return finisher.fail(held.job, held.holder, stage="submit", code="cancelled", message=message, never_ran=True)

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from kontext_s3.admission import Admission
 from kontext_s3.image_types import OUTPUT_FORMAT_TYPES
-from kontext_s3.jobs import AT_FAL, Claim, Job, JobState, JobStore, iso, new_holder, now_ms
+from kontext_s3.jobs import AT_FAL, Claim, Job, JobState, JobStore, hold_ms, iso, new_holder, now_ms
 from kontext_s3.log import logger
 from kontext_s3.media_urls import MediaUrlRefused, check_media_url
 from kontext_s3.model_schema import FieldProblem, KontextMaxOutput
@@ -87,8 +87,7 @@ class JobFinisher:
     def claim(self, job_id: str, *, deadline: float, states: Iterable[JobState] = AT_FAL, request_id: str | None = None) -> Claim | None:
         """Hold the job until ``deadline`` (plus a margin); ``None`` when someone else holds it or it is not open (or, with
         ``request_id``, when its request is no longer that one)."""
-        hold_ms = int(max(0.0, deadline - time.monotonic()) * 1000) + HOLD_MARGIN_MS
-        claim = self.jobs.claim(job_id, new_holder(), hold_ms=hold_ms, states=states, request_id=request_id)
+        claim = self.jobs.claim(job_id, new_holder(), hold_ms=hold_ms(deadline, HOLD_MARGIN_MS), states=states, request_id=request_id)
         if claim is None:
             logger.info("another caller holds or has ended this job; leaving it to them")
         return claim

@@ -9,24 +9,23 @@ of the upload ever reached fal.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from kontext_s3.job_id import derive_job_id, edit_mark
-from kontext_s3.jobs import Job, JobState, JobStore, new_holder
+from kontext_s3.jobs import Job, JobState, JobStore, hold_ms, new_holder
 from kontext_s3.log import logger
 from kontext_s3.outcomes import ChangeResult, Outcome
 from kontext_s3.output_store import OutputLayout
 from kontext_s3.s3_events import ObjectChange
 from kontext_s3.settings import Settings
 
-#: A hold outlives its invocation by this margin: if the holder dies, its hold lapses before SQS redelivers.
+#: A submit's hold outlives its invocation by this margin: if the holder dies, its hold lapses before SQS redelivers.
 HOLD_MARGIN_MS = 10_000
 
 
-def hold_ms(deadline: float) -> int:
-    return int(max(0.0, deadline - time.monotonic()) * 1000) + HOLD_MARGIN_MS
+def submit_hold_ms(deadline: float) -> int:
+    return hold_ms(deadline, HOLD_MARGIN_MS)
 
 
 def upload_id_of(change: ObjectChange, edit: dict[str, Any] | None = None) -> str:
@@ -50,7 +49,7 @@ class Holds:
         """The job for this upload and edit, held by us; a :class:`ChangeResult` when it is another's or done."""
         upload_id = upload_id_of(change)
         mark = edit_mark(edit) if self._settings.rerun_on_tag_change and edit is not None else None
-        holder, held_for = new_holder(), hold_ms(deadline)
+        holder, held_for = new_holder(), submit_hold_ms(deadline)
         job_id = upload_id
         job = self._create(change, job_id, holder, held_for, mark)
         if job is None and mark is not None:

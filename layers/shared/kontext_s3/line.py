@@ -13,10 +13,11 @@ import threading
 import time
 
 from kontext_s3.admission import Admission, Admitted, Wait
+from kontext_s3.cancellation import cancel_unsent
 from kontext_s3.completion import JobFinisher
 from kontext_s3.delivery import Attempt, LineAttempt, put_back
 from kontext_s3.edit_reading import Edit
-from kontext_s3.holding import Held, hold_ms
+from kontext_s3.holding import Held, submit_hold_ms
 from kontext_s3.input_image import InputImages
 from kontext_s3.jobs import JobState, JobStore, new_holder, now_ms
 from kontext_s3.log import logger
@@ -91,7 +92,7 @@ class Line:
             if deadline - time.monotonic() < DISPATCH_RESERVE_SECONDS:
                 break
             holder = new_holder()
-            job = self._jobs.take_waiting(job_id, holder=holder, hold_ms=hold_ms(deadline))
+            job = self._jobs.take_waiting(job_id, holder=holder, hold_ms=submit_hold_ms(deadline))
             if job is None:
                 continue  # another dispatcher took it
             logger.thread_safe_append_keys(job_id=job.job_id, object_key=job.key)
@@ -107,9 +108,8 @@ class Line:
     def _turn_from_line(self, held: Held, deadline: float) -> ChangeResult:
         job = held.job
         if not self._images.still_there(job.bucket, job.key, job.version_id):
-            # Deleted while it waited: cancelled here, never sent (Cancellation may have found it taken).
-            message = "the input object was deleted while the upload waited for its turn; nothing was sent"
-            self._finisher.fail(job, held.holder, stage="submit", code="cancelled", message=message, never_ran=True)
+            # Deleted while it waited, and its removal not heard yet (or Cancellation found it taken): ended here.
+            cancel_unsent(self._finisher, held)
             return ChangeResult(Outcome.CANCELLED, job.key, job.job_id, "input deleted while waiting")
         body = json.loads(job.input_json or "{}")
         edit = Edit(

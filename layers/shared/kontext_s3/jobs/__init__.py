@@ -7,7 +7,7 @@
 """
 
 from kontext_s3.jobs.index import NOTIFY, NOTIFY_HOLD_MS, OPEN_JOBS_INDEX, OPEN_SHARDS, open_shard, shard_of, shards_of
-from kontext_s3.jobs.model import AT_FAL, Claim, HistoryEntry, Job, JobState, iso, new_holder, now_ms
+from kontext_s3.jobs.model import AT_FAL, Claim, HistoryEntry, Job, JobState, hold_ms, iso, new_holder, now_ms
 from kontext_s3.jobs.store import JobStore
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Job",
     "JobState",
     "JobStore",
+    "hold_ms",
     "iso",
     "new_holder",
     "now_ms",

@@ -139,3 +139,9 @@ def iso(ms: int) -> str:
 
 def new_holder() -> str:
     return uuid.uuid4().hex
+
+
+def hold_ms(deadline: float, margin_ms: int) -> int:
+    """How long a hold taken now lasts: to the holder's ``deadline`` (``time.monotonic``), and ``margin_ms`` past it,
+    so a holder that dies lets go before anyone else would take the job up again."""
+    return int(max(0.0, deadline - time.monotonic()) * 1000) + margin_ms
