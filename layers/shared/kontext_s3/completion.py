@@ -59,9 +59,10 @@ class JobFinisher:
     admission: Admission | None = None
     slot_freed: Callable[[], None] | None = None
 
-    @property
-    def copier(self) -> OutputCopier:
-        return OutputCopier(self.s3, self.layout, self.http, self.media)
+    copier: OutputCopier = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.copier = OutputCopier(self.s3, self.layout, self.http, self.media)
 
     def give_back(self, job: Job, *, never_ran: bool = False) -> None:
         """Free the job's slot (once, whoever ends it) and tell the line; refund its images if fal never ran it."""

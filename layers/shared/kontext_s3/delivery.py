@@ -8,7 +8,6 @@ in line and the dispatcher goes on. The submit path asks the attempt; it never a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
@@ -40,7 +39,7 @@ def put_back(jobs: JobStore, held: Held, edit: Edit, wait: Wait) -> None:
         held.holder,
         reason=wait.reason,
         until_ms=wait.until_ms,
-        input_json=json.dumps(edit.body, sort_keys=True),
+        input_json=edit.input_json,
         content_type=edit.content_type,
         recipe_json=edit.recipe_json,
         image_json=edit.image_json,

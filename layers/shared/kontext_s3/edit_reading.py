@@ -68,6 +68,11 @@ class Edit:
     fields: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def input_json(self) -> str:
+        """The model input as the job records it (keys sorted, so the same edit is the same text)."""
+        return json.dumps(self.body, sort_keys=True)
+
+    @property
     def prepared_key(self) -> str | None:
         """The prepared copy fal is given instead of the upload, when the upload needed one."""
         return (json.loads(self.image_json).get("prepared") or {}).get("key") if self.image_json else None

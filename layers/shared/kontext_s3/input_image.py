@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import closing
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -143,7 +144,8 @@ class InputImages:
         if header.content_type == "image/gif":
             # A decoder draws every frame: a frame larger than the logical screen is decoded at its own size.
             body = io.BytesIO(first_bytes) if size <= len(first_bytes) else self._s3.get_object(**version_args(change))["Body"]  # type: ignore[arg-type]
-            width, height = gif_canvas(body.read)
+            with closing(body):  # the whole object's stream, read block by block: let go of its connection either way
+                width, height = gif_canvas(body.read)
             header = replace(header, width=width, height=height)
         self._within_limits(header, size)
         return header, size

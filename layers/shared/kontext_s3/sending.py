@@ -62,7 +62,7 @@ class Sender:
         sending = self._jobs.begin_send(
             job.job_id,
             holder,
-            input_json=json.dumps(edit.body, sort_keys=True),
+            input_json=edit.input_json,
             slot=admitted.slot,
             budget_day=admitted.budget_day,
             images=admitted.images,
