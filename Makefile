@@ -24,6 +24,13 @@ say = @printf '\033[1m==> %s\033[0m\n' $(1)
 
 # -- environments, each from its lock --------------------------------------------------------------------------------
 
+# $(1) the venv, $(2) its interpreter, $(3) the lock: the venv made once, the lock installed, then the project itself.
+define install-locked
+	@test -x $(1)/bin/python || $(2) -m venv $(1)
+	@$(1)/bin/$(PIP_LOCKED) -r $(3) $(PIP_NOISE)
+	@$(1)/bin/$(PIP_EDITABLE) $(PIP_NOISE)
+endef
+
 need-py311 = @test -n "$(PY311)" || { tools/bin/find-python 3.11; exit 1; }
 need-py313 = @test -n "$(PY313)" || { tools/bin/find-python 3.13; exit 1; }
 
@@ -31,27 +38,21 @@ need-py313 = @test -n "$(PY313)" || { tools/bin/find-python 3.13; exit 1; }
 $(BIN)/.demo-installed: locks/demo-py3.11.txt pyproject.toml
 	$(need-py311)
 	$(call say,"installing the demo's tools into $(VENV) from $< (first time only; about a minute)")
-	@test -x $(BIN)/python || $(PY311) -m venv $(VENV)
-	@$(BIN)/$(PIP_LOCKED) -r $< $(PIP_NOISE)
-	@$(BIN)/$(PIP_EDITABLE) $(PIP_NOISE)
+	$(call install-locked,$(VENV),$(PY311),$<)
 	@touch $@
 
 # Everything a developer runs: the demo's tools, the tests, ruff, mypy, cfn-lint.
 $(BIN)/.dev-installed: locks/dev-py3.11.txt pyproject.toml
 	$(need-py311)
 	$(call say,"installing the development tools into $(VENV) from $< (first time only; about two minutes)")
-	@test -x $(BIN)/python || $(PY311) -m venv $(VENV)
-	@$(BIN)/$(PIP_LOCKED) -r $< $(PIP_NOISE)
-	@$(BIN)/$(PIP_EDITABLE) $(PIP_NOISE)
+	$(call install-locked,$(VENV),$(PY311),$<)
 	@touch $@ $(BIN)/.demo-installed
 
 # The tests again on python3.13, the runtime the template deploys (only what the tests need).
 $(VENV313)/.installed: locks/test-py3.13.txt pyproject.toml
 	$(need-py313)
 	$(call say,"installing the test tools into $(VENV313) from $< (first time only; about a minute)")
-	@test -x $(VENV313)/bin/python || $(PY313) -m venv $(VENV313)
-	@$(VENV313)/bin/$(PIP_LOCKED) -r $< $(PIP_NOISE)
-	@$(VENV313)/bin/$(PIP_EDITABLE) $(PIP_NOISE)
+	$(call install-locked,$(VENV313),$(PY313),$<)
 	@touch $@
 
 # -- the two commands -------------------------------------------------------------------------------------------------

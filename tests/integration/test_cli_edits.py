@@ -19,7 +19,10 @@ from kontext_s3.tag_codec import decode_tags, parse_tagging_header
 from kontext_s3_tools import cli
 from kontext_s3_tools.local_stack import aws_environment
 from tests.helpers import Aws, jpeg_bytes
+from tests.integration.test_cli import image
 from tests.integration.test_cli_target import kontext_s3, one_line
+
+__all__ = ["image"]
 
 
 @pytest.fixture
@@ -31,13 +34,6 @@ def env(aws: Aws, tmp_path: Path) -> dict[str, str]:
         "KONTEXT_S3_BUCKET": aws.resources.bucket,
         "KONTEXT_S3_TABLE": aws.resources.table,
     }
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    path = tmp_path / "photo.jpg"
-    path.write_bytes(jpeg_bytes())
-    return path
 
 
 def keys(aws: Aws) -> list[str]:

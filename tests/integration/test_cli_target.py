@@ -24,10 +24,10 @@ import pytest
 from kontext_s3.model_schema import MAX_QUOTE_CHARS
 from kontext_s3_tools import cli
 from kontext_s3_tools.local_stack import aws_environment
-from tests.helpers import Aws, jpeg_bytes
-from tests.integration.test_cli import expired_endpoint
+from tests.helpers import Aws
+from tests.integration.test_cli import expired_endpoint, image
 
-__all__ = ["expired_endpoint"]
+__all__ = ["expired_endpoint", "image"]
 
 DEFAULT = str(cli.DEFAULT_ENV_FILE)
 LOCAL = {
@@ -251,13 +251,6 @@ def exported_a(aws: Aws, base_env: dict[str, str]) -> dict[str, str]:
         "KONTEXT_S3_QUEUE_URL": aws.resources.queue_url,
         "KONTEXT_S3_DLQ_URL": aws.resources.dlq_url,
     }
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    path = tmp_path / "photo.jpg"
-    path.write_bytes(jpeg_bytes())
-    return path
 
 
 def create_stack(aws: Aws, outputs: Mapping[str, str], tag_wait: str = "300") -> str:
