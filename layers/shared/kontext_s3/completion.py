@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 MANIFEST_VERSION = 1
 #: A finisher's hold outlives its deadline by this much, so a live holder is never taken over.
-HOLD_MARGIN_MS = 15_000
+FINISHER_HOLD_MARGIN_MS = 15_000
 
 
 @dataclass
@@ -88,7 +88,9 @@ class JobFinisher:
     def claim(self, job_id: str, *, deadline: float, states: Iterable[JobState] = AT_FAL, request_id: str | None = None) -> Claim | None:
         """Hold the job until ``deadline`` (plus a margin); ``None`` when someone else holds it or it is not open (or, with
         ``request_id``, when its request is no longer that one)."""
-        claim = self.jobs.claim(job_id, new_holder(), hold_ms=hold_ms(deadline, HOLD_MARGIN_MS), states=states, request_id=request_id)
+        claim = self.jobs.claim(
+            job_id, new_holder(), hold_ms=hold_ms(deadline, FINISHER_HOLD_MARGIN_MS), states=states, request_id=request_id
+        )
         if claim is None:
             logger.info("another caller holds or has ended this job; leaving it to them")
         return claim

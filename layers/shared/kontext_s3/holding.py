@@ -21,11 +21,11 @@ from kontext_s3.s3_events import ObjectChange
 from kontext_s3.settings import Settings
 
 #: A submit's hold outlives its invocation by this margin: if the holder dies, its hold lapses before SQS redelivers.
-HOLD_MARGIN_MS = 10_000
+SUBMIT_HOLD_MARGIN_MS = 10_000
 
 
 def submit_hold_ms(deadline: float) -> int:
-    return hold_ms(deadline, HOLD_MARGIN_MS)
+    return hold_ms(deadline, SUBMIT_HOLD_MARGIN_MS)
 
 
 def upload_id_of(change: ObjectChange, edit: dict[str, Any] | None = None) -> str:

@@ -96,9 +96,6 @@ class Transition:
         # DynamoDB refuses redundant parentheses: a single case goes bare.
         return parts[0] if len(parts) == 1 else " OR ".join(f"({part})" for part in parts)
 
-    def sources(self) -> tuple[JobState, ...]:
-        return tuple(dict.fromkeys(case.source for case in self.cases))
-
 
 _REQUEST = ("request_id", "gateway_request_id", "status_url", "response_url", "cancel_url", "submitted_at_ms", "queue_position")
 _GRANTS = ("slot", "budget_day", "budget_images")
