@@ -7,13 +7,18 @@ at fal, so it is simply ended with a ``cancelled`` record.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
+
+from botocore.exceptions import ClientError
 
 from kontext_s3.completion import JobFinisher
 from kontext_s3.fal_queue import FalError, FalQueueClient, FalRejected
 from kontext_s3.holding import Held, submit_hold_ms
+from kontext_s3.input_image import missing
 from kontext_s3.job_id import derive_job_id
 from kontext_s3.jobs import AT_FAL, Job, JobState, JobStore, new_holder
+from kontext_s3.latest_uploads import LatestUploads
 from kontext_s3.log import logger
 from kontext_s3.s3_events import ObjectChange
 
@@ -29,15 +34,12 @@ class Cancellation:
         self._jobs = jobs
         self._fal = fal
         self._finisher = finisher
+        self._latest = LatestUploads(jobs.table)
 
     def input_removed(self, change: ObjectChange, *, deadline: float) -> list[str]:
         """Cancel the open jobs of the removed object; returns the ids of jobs cancelled."""
         cancelled = []
-        jobs = [
-            job
-            for version in self._removed_versions(change)
-            for job in self._jobs.jobs_of_upload(derive_job_id(change.bucket, change.key, version))
-        ]
+        jobs = [job for upload_id in self._removed_uploads(change) for job in self._jobs.jobs_of_upload(upload_id)]
         for job in jobs:  # each version's first job and its re-runs after changed tags
             if job.state is JobState.WAITING:
                 if self._cancel_waiting(job, deadline):
@@ -82,17 +84,35 @@ class Cancellation:
         taken = self._jobs.take_waiting(job.job_id, holder=holder, hold_ms=submit_hold_ms(deadline))
         return taken is not None and cancel_unsent(self._finisher, Held(taken, holder)) is not None
 
-    def _removed_versions(self, change: ObjectChange) -> list[str]:
-        """Which versions a removal is about.
+    def _removed_uploads(self, change: ObjectChange) -> list[str]:
+        """Which uploads a removal is about.
 
         ``ObjectRemoved:Delete`` on a versioned bucket names the version deleted. A
         plain delete (``DeleteMarkerCreated``) names the new delete marker, so every
-        version of the key is looked up: the user deleted the object, all of it.
+        version of the key is looked up: the user deleted the object, all of it. A
+        delete on an unversioned bucket names neither: it removed the key's latest
+        upload (``latest_uploads``).
         """
         if change.event_name == "ObjectRemoved:Delete" and change.version_id:
-            return [change.version_id]
+            return [derive_job_id(change.bucket, change.key, change.version_id)]
+        if change.event_name == "ObjectRemoved:Delete":
+            return [upload for key in self._removed_keys(change) if (upload := self._latest.removed_by(replace(change, key=key)))]
         listing = self._s3.list_object_versions(Bucket=change.bucket, Prefix=change.key)
-        return [v["VersionId"] for v in listing.get("Versions", []) if v.get("Key") == change.key and v.get("VersionId")]
+        versions = [v["VersionId"] for v in listing.get("Versions", []) if v.get("Key") == change.key and v.get("VersionId")]
+        return [derive_job_id(change.bucket, change.key, version) for version in versions]
+
+    def _removed_keys(self, change: ObjectChange) -> list[str]:
+        """The key as sent; and, for an EventBridge key that may be encoded, its decoded form, if nothing is there now."""
+        if change.decoded_key is None:
+            return [change.key]
+        keys = [change.key]
+        try:
+            self._s3.head_object(Bucket=change.bucket, Key=change.decoded_key)
+        except ClientError as exc:
+            if not missing(exc):
+                raise
+            keys.append(change.decoded_key)
+        return keys
 
 
 def cancel_unsent(finisher: JobFinisher, held: Held) -> Job | None:

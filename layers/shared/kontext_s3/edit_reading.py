@@ -92,7 +92,8 @@ class EditReader:
     def __init__(self, s3: S3Client, settings: Settings) -> None:
         self._s3 = s3
         self._settings = settings
-        self._recipes = RecipeBook(s3, settings.input_bucket, settings.input_prefix)
+        #: One recipe book per input bucket (the stack's own, and each attached one), made when first needed.
+        self._recipe_books: dict[str, RecipeBook] = {}
 
     def read(self, change: ObjectChange, intent: Intent) -> Edit | AwaitTags | NoEdit | Refusal:
         if has_dot_segments(change.key):
@@ -157,10 +158,16 @@ class EditReader:
     def _recipe_for(self, change: ObjectChange, intent: Intent) -> Recipe | Refusal | None:
         # The recipe as it stood when the upload arrived; for a backfill, as it stands now (written for it).
         try:
-            return self._recipes.for_upload(change.key, intent.recipe_at or self._arrival(change))
+            return self._recipes(change.bucket).for_upload(change.key, intent.recipe_at or self._arrival(change))
         except InvalidRecipe as exc:
             recipe = {"key": exc.key, "version_id": exc.version_id}
             return Refusal("invalid_recipe", f"{exc}; fix the recipe and upload again", exc.problems, recipe)
+
+    def _recipes(self, bucket: str) -> RecipeBook:
+        book = self._recipe_books.get(bucket)
+        if book is None:
+            book = self._recipe_books[bucket] = RecipeBook(self._s3, bucket, self._settings.input_prefix)
+        return book
 
     def _arrival(self, change: ObjectChange) -> datetime:
         """When the upload arrived: its event's time, or for a tag event, when the tagged version was written.

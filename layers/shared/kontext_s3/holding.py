@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kontext_s3.job_id import derive_job_id, edit_mark
-from kontext_s3.jobs import Job, JobState, JobStore, hold_ms, new_holder
+from kontext_s3.jobs import Job, JobState, JobStore, hold_ms, new_holder, now_ms
+from kontext_s3.latest_uploads import LatestUploads
 from kontext_s3.log import logger
 from kontext_s3.outcomes import ChangeResult, Outcome
 from kontext_s3.output_store import OutputLayout
@@ -30,7 +31,7 @@ def submit_hold_ms(deadline: float) -> int:
 
 def upload_id_of(change: ObjectChange, edit: dict[str, Any] | None = None) -> str:
     """The upload's own id (the id of its first job), or with ``edit`` the id of its job for that edit."""
-    return derive_job_id(change.bucket, change.key, change.version_id, change.etag, change.sequencer or change.event_time, edit=edit)
+    return derive_job_id(change.bucket, change.key, change.version_id, change.etag, edit=edit)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Holds:
         self._jobs = jobs
         self._settings = settings
         self._layout = OutputLayout(settings.input_prefix, settings.output_prefix)
+        self._latest = LatestUploads(jobs.table, ttl_days=settings.job_ttl_days)
 
     def hold(self, change: ObjectChange, edit: dict[str, Any] | None, deadline: float) -> Held | ChangeResult:
         """The job for this upload and edit, held by us; a :class:`ChangeResult` when it is another's or done."""
@@ -52,6 +54,8 @@ class Holds:
         holder, held_for = new_holder(), submit_hold_ms(deadline)
         job_id = upload_id
         job = self._create(change, job_id, holder, held_for, mark)
+        if job is not None and not change.version_id:  # an unversioned bucket: what a delete of the key would cancel
+            self._latest.record(change, upload_id, now_ms())
         if job is None and mark is not None:
             first = self._jobs.get(upload_id)
             if first is not None and first.edit_mark not in (None, mark):

@@ -6,6 +6,13 @@ too many bytes or pixels, or too small, before anything is sent; writes a
 prepared copy beside the job's outputs when fal should not see the upload as
 stored (:mod:`kontext_s3.input_prep`); and turns ``aspect_ratio=match`` into
 the model's allowed ratio nearest the input's upright size.
+
+On an unversioned bucket (an attached one) a key names whatever was written
+last, and fal fetches its input only when the request starts. So the upload is
+read only while its bytes are still the event's (``If-Match`` on its eTag), and
+fal is given a pinned copy of those bytes beside the job's outputs: a rewrite of
+the key while the job waits is an upload of its own, never the bytes this job
+sends.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from kontext_s3.image_header import HEADER_BYTES, SIZE_SCAN_BYTES, ImageHeader, 
 from kontext_s3.input_prep import CONVERTED, SUPPORTED, TAKEN, UnreadableImage, changes_needed, one_at_a_time, prepare
 from kontext_s3.log import logger
 from kontext_s3.model_schema import MATCH_INPUT, nearest_aspect_ratio
+from kontext_s3.output_store import extension_of
 from kontext_s3.s3_events import ObjectChange
 from kontext_s3.settings import Settings
 
@@ -75,6 +83,8 @@ class InputImages:
             content_type, upright = prepared["content_type"], (prepared["width"], prepared["height"])
             # Decoded, the size is exact: a HEIC header gives the coded size, which a crop box may trim.
             image.update(width=upright[0], height=upright[1], prepared=prepared)
+        elif not change.version_id:
+            image.update(prepared=self._pinned_copy(change, output_prefix, header, size))
         if body.get("aspect_ratio") == MATCH_INPUT:
             if upright is None:
                 raise RefusedInput("unsupported_object", "aspect_ratio=match needs the image's size, which its header does not give")
@@ -91,7 +101,7 @@ class InputImages:
         """
         key = ""
         with one_at_a_time(deadline):
-            data = self._s3.get_object(**version_args(change))["Body"].read()  # type: ignore[arg-type]
+            data = self._s3.get_object(**_read_args(change))["Body"].read()  # type: ignore[arg-type]
             try:
                 prepared = prepare(data, header, max_pixels=self._settings.max_input_pixels)
             except UnreadableImage as exc:
@@ -110,6 +120,29 @@ class InputImages:
             "changes": changes,
         }
 
+    def _pinned_copy(self, change: ObjectChange, output_prefix: str, header: ImageHeader, size: int) -> dict[str, Any]:
+        """Copy the upload's bytes, as the event named them, to where fal is sent (an unversioned bucket's key moves on)."""
+        key = f"{output_prefix}input-pinned.{extension_of(header.content_type)}"
+        try:
+            self._s3.copy_object(
+                Bucket=change.bucket,
+                Key=key,
+                CopySource={"Bucket": change.bucket, "Key": change.key},
+                **({"CopySourceIfMatch": f'"{change.etag}"'} if change.etag else {}),  # type: ignore[arg-type]
+            )
+        except ClientError as exc:
+            raise _refusal(exc) from exc
+        upright = header.upright_size or (0, 0)
+        why = "the bucket is unversioned: fal is given a copy of the bytes that were uploaded, not what the key holds later"
+        return {
+            "key": key,
+            "content_type": header.content_type,
+            "width": upright[0],
+            "height": upright[1],
+            "bytes": size,
+            "changes": [{"change": "pinned", "why": why}],
+        }
+
     def _header(self, change: ObjectChange) -> tuple[ImageHeader, int]:
         """The image's header and size; refuses what is not an image, outside the limits, or deleted since.
 
@@ -119,16 +152,12 @@ class InputImages:
         """
         first_range = f"bytes=0-{HEADER_BYTES - 1}"
         try:
-            first = self._s3.get_object(Bucket=change.bucket, Key=change.key, Range=first_range)
+            first = self._s3.get_object(Bucket=change.bucket, Key=change.key, Range=first_range, **_same_bytes(change))  # type: ignore[arg-type]
             if change.version_id and first.get("VersionId") not in (change.version_id, None, "null"):
                 first = self._s3.get_object(Range=first_range, **version_args(change))  # type: ignore[arg-type]
             first_bytes = first["Body"].read()
         except ClientError as exc:
-            if missing(exc):
-                raise RefusedInput("input_missing", "the input was deleted before it could be processed") from exc
-            if exc.response.get("Error", {}).get("Code") == "InvalidRange":  # an empty object
-                raise RefusedInput("unsupported_object", "the uploaded object is empty") from exc
-            raise
+            raise _refusal(exc) from exc
         size = _object_size(first.get("ContentRange"), first.get("ContentLength", 0))
         header = read_header(first_bytes)
         if header is None or header.content_type not in TAKEN | CONVERTED:
@@ -139,11 +168,11 @@ class InputImages:
             )
         if (header.width is None or header.height is None) and size > len(first_bytes):
             # The size marker lies past the first read (large EXIF or ICC segments before a JPEG's frame header).
-            more = self._s3.get_object(Range=f"bytes=0-{SIZE_SCAN_BYTES - 1}", **version_args(change))  # type: ignore[arg-type]
+            more = self._s3.get_object(Range=f"bytes=0-{SIZE_SCAN_BYTES - 1}", **_read_args(change))  # type: ignore[arg-type]
             header = read_header(more["Body"].read(), limit=SIZE_SCAN_BYTES) or header
         if header.content_type == "image/gif":
             # A decoder draws every frame: a frame larger than the logical screen is decoded at its own size.
-            body = io.BytesIO(first_bytes) if size <= len(first_bytes) else self._s3.get_object(**version_args(change))["Body"]  # type: ignore[arg-type]
+            body = io.BytesIO(first_bytes) if size <= len(first_bytes) else self._s3.get_object(**_read_args(change))["Body"]  # type: ignore[arg-type]
             with closing(body):  # the whole object's stream, read block by block: let go of its connection either way
                 width, height = gif_canvas(body.read)
             header = replace(header, width=width, height=height)
@@ -178,6 +207,32 @@ def version_args(change: ObjectChange) -> dict[str, str]:
     if change.version_id:
         kwargs["VersionId"] = change.version_id
     return kwargs
+
+
+def _read_args(change: ObjectChange) -> dict[str, str]:
+    return {**version_args(change), **_same_bytes(change)}
+
+
+def _same_bytes(change: ObjectChange) -> dict[str, str]:
+    """On an unversioned bucket, read the key only while it still holds the event's bytes."""
+    return {"IfMatch": f'"{change.etag}"'} if not change.version_id and change.etag else {}
+
+
+def _refusal(exc: ClientError) -> Exception:
+    """What S3's refusal to read an upload means for the user, or the error itself when it is not theirs to fix."""
+    error = exc.response.get("Error", {})
+    code, message = error.get("Code"), str(error.get("Message") or "")
+    if missing(exc):
+        return RefusedInput("input_missing", "the input was deleted before it could be processed")
+    if code == "InvalidRange":  # an empty object
+        return RefusedInput("unsupported_object", "the uploaded object is empty")
+    if code in ("PreconditionFailed", "412"):
+        message = "the key was written again before this upload was read: the new bytes are an upload of their own"
+        return RefusedInput("input_replaced", message)
+    if code == "AccessDenied" and "kms:" in message:
+        # The bucket's objects are encrypted with a key the stack was not given (AttachedKmsKeyArns): retrying cannot help.
+        return RefusedInput("input_unreadable", f"S3 refused to read the input: {message}; add the key's ARN to AttachedKmsKeyArns")
+    return exc
 
 
 def missing(exc: ClientError) -> bool:

@@ -2,11 +2,11 @@
 
 S3 delivers events at least once, as different SQS messages, so the SQS
 message id cannot deduplicate. An object version can: on a versioned bucket
-every write has its own ``versionId``. Unversioned buckets fall back to the
-eTag and the event's ``sequencer``, which S3 documents as ordering events for
-one key. A producer that sends neither a version nor a sequencer (moto's S3
-does that) gets its version looked up by the submit function first; failing
-that, the caller passes the event time as the ordering token.
+every write has its own ``versionId``. An unversioned bucket (an attached one)
+has no versions; there the upload is its bytes, named by their ``eTag``: a
+rewrite of the same bytes is the same upload and is never paid for twice, a
+rewrite with other bytes is a new upload. (The event's ``sequencer`` cannot
+name it: a tag event on the same object has a sequencer of its own.)
 
 With re-runs on tag changes, an upload's first job keeps this id and records
 its edit's fingerprint; tags that ask for another edit make a job whose id
@@ -26,17 +26,16 @@ def derive_job_id(
     key: str,
     version_id: str | None,
     etag: str | None = None,
-    sequencer: str | None = None,
     edit: Mapping[str, Any] | None = None,
 ) -> str:
     """A 32-hex-digit id, the same for every delivery of one upload's event (and, when given, one edit of it)."""
     # A JSON array, not a joined string: keys may hold any character, newlines included.
     if version_id and version_id != "null":
         identity = json.dumps(["v1", bucket, key, "version", version_id])
-    elif etag and sequencer:
-        identity = json.dumps(["v1", bucket, key, "etag", etag, sequencer])
+    elif etag:
+        identity = json.dumps(["v1", bucket, key, "etag", etag.strip('"')])
     else:
-        raise ValueError(f"s3://{bucket}/{key}: an event needs a versionId, or an eTag and a sequencer, to name its job")
+        raise ValueError(f"s3://{bucket}/{key}: an event needs a versionId, or on an unversioned bucket an eTag, to name its job")
     if edit is not None:
         identity = json.dumps([json.loads(identity), "edit", edit_mark(edit)])
     return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:32]

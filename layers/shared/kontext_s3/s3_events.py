@@ -1,4 +1,9 @@
-"""S3 event notifications as they arrive in an SQS message body.
+"""S3 events as they arrive in an SQS message body: S3's own notifications, and S3's events through EventBridge.
+
+The stack's bucket notifies the uploads queue itself. A bucket the stack was
+attached to keeps its own notification configuration and sends its events to
+EventBridge instead, whose rule puts each event, as EventBridge shapes it, on
+the same queue. Both become one :class:`ObjectChange`.
 
 Real S3 events carry ``userIdentity``, ``requestParameters`` and more that
 moto leaves out; Powertools' strict parser models refuse moto's events, its
@@ -29,6 +34,9 @@ class ObjectChange:
     sequencer: str | None
     size: int | None
     event_time: str
+    #: An EventBridge event's key decoded as S3's notifications are (``+`` for a space), when that differs from the
+    #: key as sent: whether EventBridge encodes keys is not documented, so both are tried (``Submitter``).
+    decoded_key: str | None = None
 
     @property
     def created(self) -> bool:
@@ -74,8 +82,12 @@ def notification(changes: list[ObjectChange], **marks: Any) -> str:
     return json.dumps({**({"kontext_s3": marks} if marks else {}), "Records": [change.to_record() for change in changes]})
 
 
+#: EventBridge's S3 detail types, as the names S3's own notifications give the same change (others are not ours).
+EVENTBRIDGE_CHANGES = {"Object Created": "ObjectCreated:", "Object Deleted": "ObjectRemoved:", "Object Tags Added": "ObjectTagging:Put"}
+
+
 def parse_notification(body: str) -> list[ObjectChange]:
-    """The object changes in one SQS message body; ``[]`` for S3's ``s3:TestEvent``."""
+    """The object changes in one SQS message body; ``[]`` for S3's ``s3:TestEvent`` and S3 events that are no change of ours."""
     try:
         document: Any = json.loads(body)
     except ValueError as exc:
@@ -84,6 +96,8 @@ def parse_notification(body: str) -> list[ObjectChange]:
         raise MalformedNotification("message body is not a JSON object")
     if document.get("Event") == "s3:TestEvent":
         return []
+    if "detail-type" in document:
+        return _eventbridge_change(document)
     if not isinstance(document.get("Records"), list):
         raise MalformedNotification("message body has no S3 Records")
     changes: list[ObjectChange] = []
@@ -108,3 +122,38 @@ def parse_notification(body: str) -> list[ObjectChange]:
     except (KeyError, TypeError) as exc:
         raise MalformedNotification(f"S3 record lacks a field: {exc}") from exc
     return changes
+
+
+def _eventbridge_change(event: dict[str, Any]) -> list[ObjectChange]:
+    """One S3 event as EventBridge delivers it (``detail-type``, ``detail.bucket``, ``detail.object``)."""
+    if event.get("source") != "aws.s3":
+        raise MalformedNotification(f"EventBridge event from {event.get('source')!r}, not aws.s3")
+    kind = EVENTBRIDGE_CHANGES.get(str(event.get("detail-type")))
+    if kind is None:
+        return []  # restores, storage classes, ACLs: S3 sends every type once EventBridge is on
+    try:
+        detail = event["detail"]
+        obj = detail["object"]
+        key, bucket = str(obj["key"]), str(detail["bucket"]["name"])
+        reason = str(detail.get("reason") or "")
+    except (KeyError, TypeError) as exc:
+        raise MalformedNotification(f"EventBridge S3 event lacks a field: {exc}") from exc
+    if kind == "ObjectCreated:":
+        kind += reason.removesuffix("Object") or "Put"
+    elif kind == "ObjectRemoved:":
+        kind += "DeleteMarkerCreated" if detail.get("deletion-type") == "Delete Marker Created" else "Delete"
+    version = obj.get("version-id")
+    decoded = unquote_plus(key)
+    return [
+        ObjectChange(
+            event_name=kind,
+            bucket=bucket,
+            key=key,
+            version_id=str(version) if version and version != "null" else None,
+            etag=obj.get("etag") or obj.get("eTag") or None,
+            sequencer=obj.get("sequencer") or None,
+            size=obj.get("size"),
+            event_time=str(event.get("time") or ""),
+            decoded_key=decoded if decoded != key else None,
+        )
+    ]

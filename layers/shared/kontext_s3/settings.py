@@ -28,6 +28,9 @@ class Settings(BaseModel):
     #: The CloudFormation stack: a dimension of every metric, so two stacks in one account do not mix.
     stack_name: str = Field(default="", alias="STACK_NAME")
     input_bucket: str = Field(default="", alias="INPUT_BUCKET")
+    #: Existing buckets the stack was attached to (``AttachedBuckets``): their events come through EventBridge, their
+    #: uploads live under the same ``INPUT_PREFIX`` and their outputs beside them under ``OUTPUT_PREFIX``.
+    attached_buckets: tuple[str, ...] = Field(default=(), alias="ATTACHED_BUCKETS")
     input_prefix: str = Field(default="inputs/", alias="INPUT_PREFIX")
     output_prefix: str = Field(default="outputs/", alias="OUTPUT_PREFIX")
 
@@ -89,6 +92,17 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return tuple(item.strip() for item in (value or DEFAULT_FAL_MEDIA_URLS).split(",") if item.strip())
         return value
+
+    @field_validator("attached_buckets", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    def is_input_bucket(self, bucket: str) -> bool:
+        """Whether uploads in ``bucket`` are ours to edit: the stack's own bucket, or one it was attached to."""
+        return bucket == self.input_bucket or bucket in self.attached_buckets
 
     @field_validator("fal_queue_url", "webhook_url")
     @classmethod

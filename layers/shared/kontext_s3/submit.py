@@ -24,8 +24,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from botocore.exceptions import ClientError
-
 from kontext_s3.admission import Admission, is_dispatch
 from kontext_s3.cancellation import Cancellation
 from kontext_s3.completion import JobFinisher
@@ -34,7 +32,7 @@ from kontext_s3.delivery_failures import DeliveryFailure, DeliveryFailures
 from kontext_s3.edit_reading import AwaitTags, Edit, EditReader, Intent, NoEdit, arrival_at
 from kontext_s3.fal_queue import FalQueueClient
 from kontext_s3.holding import Held, Holds, upload_id_of
-from kontext_s3.input_image import InputImages, RefusedInput, missing
+from kontext_s3.input_image import InputImages, RefusedInput
 from kontext_s3.jobs import JobStore
 from kontext_s3.line import Line
 from kontext_s3.log import logger
@@ -44,6 +42,7 @@ from kontext_s3.redact import redact
 from kontext_s3.s3_events import MalformedNotification, ObjectChange, notification, parse_notification, stack_marks
 from kontext_s3.sending import Sender
 from kontext_s3.settings import Settings
+from kontext_s3.upload_names import UploadNames
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -80,6 +79,7 @@ class Submitter:
         admission = admission if admission is not None and admission.limited else None
         self._edits = EditReader(s3, settings)
         self._holds = Holds(jobs, settings)
+        self._names = UploadNames(s3, settings)
         self._images = InputImages(s3, settings)
         sender = Sender(settings=settings, s3=s3, jobs=jobs, fal=fal, finisher=finisher, admission=admission)
         self._line = Line(jobs=jobs, admission=admission, images=self._images, finisher=finisher, sender=sender)
@@ -124,14 +124,13 @@ class Submitter:
             ignored = self._ignored(change)
             if ignored:
                 # Another bucket's record means a misrouted notification: worth a warning, the rest is routine.
-                log = logger.warning if change.bucket != self._settings.input_bucket else logger.info
+                log = logger.info if self._settings.is_input_bucket(change.bucket) else logger.warning
                 log(f"ignored: {ignored}", extra={"input_bucket": self._settings.input_bucket})
                 return ChangeResult(Outcome.IGNORED, change.key, detail=ignored)
             if change.removed:
                 cancelled = self._cancellation.input_removed(change, deadline=deadline) if self._cancellation else []
                 return ChangeResult(Outcome.CANCELLED if cancelled else Outcome.IGNORED, change.key, detail=",".join(cancelled))
-            if not change.version_id:
-                change = replace(change, version_id=self._resolve_version(change))
+            change = self._names.named(change)
             attempt = MessageAttempt(self._jobs, self._finisher, receive_count, self._settings.max_receive_count)
             return self.upload(change, intent or Intent(), attempt, deadline=deadline)
         except Exception as exc:
@@ -176,8 +175,8 @@ class Submitter:
     def _ignored(self, change: ObjectChange) -> str:
         """Why a record is no upload of ours, or "" when it is one (or a removal of one)."""
         settings = self._settings
-        if change.bucket != settings.input_bucket:
-            return "the record is about another bucket"
+        if not settings.is_input_bucket(change.bucket):
+            return "the record is about a bucket the stack is not attached to"
         if not change.key.startswith(settings.input_prefix) or change.key.endswith("/"):
             return "not an object under the input prefix"
         if is_recipe(change.key):
@@ -259,27 +258,3 @@ class Submitter:
         cause = exc.__cause__ if isinstance(exc, RetryLater) and exc.__cause__ is not None else exc
         failure = DeliveryFailure.of(change.key, cause, delivery=receive_count, max_deliveries=self._settings.max_receive_count)
         self._failures.record(upload_id, failure)
-
-    def _resolve_version(self, change: ObjectChange) -> str | None:
-        """The version an event without ``versionId`` is about: the one whose eTag it names.
-
-        Real S3 sends ``versionId`` on versioned buckets; other producers may not. A ``HEAD`` with ``If-Match`` finds
-        the current version when it is still the uploaded one, the version list finds it when it was overwritten since.
-        """
-        try:
-            if change.etag:
-                head = self._s3.head_object(Bucket=change.bucket, Key=change.key, IfMatch=f'"{change.etag}"')
-            else:
-                head = self._s3.head_object(Bucket=change.bucket, Key=change.key)
-            current = head.get("VersionId")
-            return current if current and current != "null" else None
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("412", "PreconditionFailed"):
-                if missing(exc):
-                    return None
-                raise
-        listing = self._s3.list_object_versions(Bucket=change.bucket, Prefix=change.key)
-        for candidate in listing.get("Versions", []):  # newest first
-            if candidate.get("Key") == change.key and candidate.get("ETag", "").strip('"') == change.etag:
-                return candidate.get("VersionId")
-        return None

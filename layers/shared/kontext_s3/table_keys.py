@@ -7,7 +7,8 @@ every other item starts with ``_`` (no job id does), so a scan can tell them apa
 - ``_failure#<upload id>``: the latest failed delivery of an upload's event (``delivery_failures``);
 - ``_slot#<n>``: slot n of ``MaxJobsAtFal`` and the job holding it (``admission``);
 - ``_budget#<UTC day>``: images charged to that day's ``DailyImageBudget`` (``admission``);
-- ``_fal-account``: the fal account whose webhooks are ours (``fal_account``).
+- ``_fal-account``: the fal account whose webhooks are ours (``fal_account``);
+- ``_latest#<key id>``: the latest upload of a key of an unversioned bucket, which a delete cancels (``latest_uploads``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ FAILURE_PREFIX = "_failure#"
 SLOT_PREFIX = "_slot#"
 BUDGET_PREFIX = "_budget#"
 FAL_ACCOUNT_ID = "_fal-account"
+LATEST_UPLOAD_PREFIX = "_latest#"
 
 
 def job(job_id: str) -> dict[str, Any]:
@@ -49,6 +51,10 @@ def budget(day: str) -> dict[str, Any]:
 
 def fal_account() -> dict[str, Any]:
     return {KEY: FAL_ACCOUNT_ID}
+
+
+def latest_upload(key_id: str) -> dict[str, Any]:
+    return {KEY: f"{LATEST_UPLOAD_PREFIX}{key_id}"}
 
 
 def is_job(item_id: str) -> bool:
