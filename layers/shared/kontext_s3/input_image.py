@@ -29,7 +29,7 @@ from kontext_s3.image_header import HEADER_BYTES, SIZE_SCAN_BYTES, ImageHeader, 
 from kontext_s3.input_prep import CONVERTED, SUPPORTED, TAKEN, UnreadableImage, changes_needed, one_at_a_time, prepare
 from kontext_s3.log import logger
 from kontext_s3.model_schema import MATCH_INPUT, nearest_aspect_ratio
-from kontext_s3.output_store import extension_of
+from kontext_s3.output_store import OutputLayout, extension_of
 from kontext_s3.s3_events import ObjectChange
 from kontext_s3.settings import Settings
 
@@ -108,7 +108,7 @@ class InputImages:
                 raise RefusedInput("unsupported_object", str(exc)) from exc
             finally:
                 del data
-            key = f"{output_prefix}input-prepared.{prepared.extension}"
+            key = OutputLayout.prepared_input_key(output_prefix, prepared.extension)
             self._s3.put_object(Bucket=change.bucket, Key=key, Body=prepared.data, ContentType=prepared.content_type)
         logger.info("input prepared for fal", extra={"changes": [c["change"] for c in changes], "prepared_key": key})
         return {
@@ -122,7 +122,7 @@ class InputImages:
 
     def _pinned_copy(self, change: ObjectChange, output_prefix: str, header: ImageHeader, size: int) -> dict[str, Any]:
         """Copy the upload's bytes, as the event named them, to where fal is sent (an unversioned bucket's key moves on)."""
-        key = f"{output_prefix}input-pinned.{extension_of(header.content_type)}"
+        key = OutputLayout.prepared_input_key(output_prefix, extension_of(header.content_type))
         try:
             self._s3.copy_object(
                 Bucket=change.bucket,

@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from kontext_s3.image_types import SNIFF_BYTES, sniff_image
 from kontext_s3.jobs import Job
 from kontext_s3.log import logger
-from kontext_s3.output_store import OutputLayout, TooLarge, extension_of, parse_data_uri, stream_to_s3
+from kontext_s3.output_store import ERROR_NAME, PREPARED_INPUT_NAME, OutputLayout, TooLarge, extension_of, parse_data_uri, stream_to_s3
 from kontext_s3.redact import redact
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class OutputCopier:
         """Remove what an earlier holder of this job may have left (images, manifest), before writing ours."""
         listing = self.s3.list_objects_v2(Bucket=job.bucket, Prefix=job.output_prefix)
         # The prepared input is the submit function's, and what the manifest points at: it stays.
-        kept = ("error.json", "input-prepared.")
+        kept = (ERROR_NAME, f"{PREPARED_INPUT_NAME}.")
         stale = [item["Key"] for item in listing.get("Contents", []) if not item["Key"].rsplit("/", 1)[-1].startswith(kept)]
         for key in stale:
             self.s3.delete_object(Bucket=job.bucket, Key=key)

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "manifest.json"
 ERROR_NAME = "error.json"
+#: The input as fal is given it when it is not the upload as stored (prepared, or pinned on an unversioned bucket).
+PREPARED_INPUT_NAME = "input-prepared"
 _MAX_KEY_BYTES = 1024
 _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif"}
 _PART_BYTES = 5 * 1024 * 1024  # S3's smallest multipart part: the most a copy holds in memory
@@ -62,6 +64,10 @@ class OutputLayout:
     @staticmethod
     def error_key(job_prefix: str) -> str:
         return job_prefix + ERROR_NAME
+
+    @staticmethod
+    def prepared_input_key(job_prefix: str, ext: str) -> str:
+        return f"{job_prefix}{PREPARED_INPUT_NAME}.{ext}"
 
 
 def has_dot_segments(key: str) -> bool:
