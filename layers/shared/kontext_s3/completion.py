@@ -139,9 +139,16 @@ class JobFinisher:
         }
         if took_over:
             self.copier.remove_outputs(job)  # an earlier holder may have copied images before it died
-        write_json(self.s3, job.bucket, error_key, redact(record))
+        written = write_error_record(self.s3, job, error_key, record)
         ended = self.jobs.fail(
-            job.job_id, holder, code=code, message=message, error_key=error_key, retryable=retryable, notify=self.events.enabled
+            job.job_id,
+            holder,
+            code=code,
+            message=message,
+            error_key=error_key,
+            retryable=retryable,
+            notify=self.events.enabled,
+            error_written=written,
         )
         if ended is None:
             current = self.jobs.get(job.job_id)
@@ -289,6 +296,20 @@ class JobFinisher:
         self.jobs.mark_notified(job.job_id)
 
     # -- copying ----------------------------------------------------------------------
+
+
+def write_error_record(s3: S3Client, job: Job, error_key: str, record: dict[str, Any]) -> bool:
+    """Write the error record; ``False`` when S3 refuses it for good (access denied: an attached bucket's KMS key the
+    stack was not given). The failure is then in the job's item and the log, and the message does not loop."""
+    try:
+        write_json(s3, job.bucket, error_key, redact(record))
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "AccessDenied":
+            raise
+        extra = {"error_key": error_key, "bucket": job.bucket, "reason": redact(str(exc))}
+        logger.error("S3 refused the error record: the failure is kept in the job's item only", extra=extra)
+        return False
+    return True
 
 
 def source_of(job: Job) -> dict[str, Any]:

@@ -105,9 +105,21 @@ class JobFinishing(JobMoves):
         return self.move(T.COMPLETE, job_id, holder=holder, sets=sets, note=note, notify=notify, at=at)
 
     def fail(
-        self, job_id: str, holder: str, *, code: str, message: str, error_key: str, retryable: bool = False, notify: bool = True
+        self,
+        job_id: str,
+        holder: str,
+        *,
+        code: str,
+        message: str,
+        error_key: str,
+        retryable: bool = False,
+        notify: bool = True,
+        error_written: bool = True,
     ) -> Job | None:
-        """``retryable`` marks failures where nothing reached fal, so a message redriven from the DLQ takes it up again."""
+        """``retryable`` marks failures where nothing reached fal, so a message redriven from the DLQ takes it up again.
+
+        ``error_written`` is false when S3 refused the error record (a bucket whose KMS key the stack was not given):
+        the job's item then holds the only record of the failure."""
         at = now_ms()
         sets = {
             "error_code": code,
@@ -115,6 +127,6 @@ class JobFinishing(JobMoves):
             "error_key": error_key,
             "failure_retryable": retryable,
             "ended_at_ms": at,
-            "error_written": True,
+            "error_written": error_written,
         }
         return self.move(T.FAIL, job_id, holder=holder, sets=sets, note=f"{code}: {message}", notify=notify, at=at)
