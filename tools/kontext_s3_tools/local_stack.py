@@ -809,6 +809,9 @@ class LocalStack:
     template: Path | str = TEMPLATE
     #: Template parameter values beyond the local ones (``local_parameters``).
     parameters: dict[str, str] = field(default_factory=dict)
+    #: What exists in the account before the stack (buckets to attach, their KMS keys): called with moto's endpoint and
+    #: an administrator's credentials once moto runs, it makes them and returns parameter values that name them.
+    before_deploy: Callable[[str, Credentials], dict[str, str]] | None = None
     fal_concurrency: int | None = None
     enforce_iam: bool = True
     log_dir: Path | None = None
@@ -846,11 +849,12 @@ class LocalStack:
             for lid, res in cfn_preview["Resources"].items()
             if res["Type"] == "AWS::Lambda::Url"
         }
+        existing = self.before_deploy(self.moto.url, admin) if self.before_deploy else {}
         self.resources = provision(
             self.moto.url,
             fal_key=self.fal_key,
             max_receive_count=self.max_receive_count,
-            parameters=local_parameters(self.emulator, **self.parameters),
+            parameters=local_parameters(self.emulator, **{**self.parameters, **existing}),
             template=self.template,
             function_urls={function: urls[url] for function, url in url_targets.items()},
             credentials=admin,

@@ -219,6 +219,8 @@ class RecipeBook:
         return self._read(key, latest["VersionId"])
 
     def _read(self, key: str, version_id: str | None) -> Recipe:
+        # Only a real version is the same bytes next time: an unversioned bucket's "null" names whatever is there now.
+        version_id = _version(version_id)
         if version_id and (key, version_id) in self._read_versions:
             return self._read_versions[(key, version_id)]
         recipe = read_recipe(self._s3, self._bucket, key, version_id)
