@@ -148,7 +148,11 @@ class Stack:
         if name.startswith("AWS::"):
             return self.pseudo(name)
         if name in self.parameters:
-            return self.parameters[name]
+            value = self.parameters[name]
+            # A CommaDelimitedList is a list wherever it is referenced (an empty one is [""], as CloudFormation has it).
+            if self.cfn["Parameters"][name].get("Type") == "CommaDelimitedList":
+                return [item.strip() for item in value.split(",")]
+            return value
         return self.ensure(name)["Ref"]
 
     def get_att(self, logical_id: str, attribute: str) -> Any:

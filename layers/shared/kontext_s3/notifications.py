@@ -56,10 +56,13 @@ def event_detail(job: Job) -> dict[str, Any]:
 
 
 class JobEvents:
-    def __init__(self, client: EventBridgeClient | None, *, bus_name: str, source: str) -> None:
+    def __init__(self, client: EventBridgeClient | None, *, bus_name: str, source: str, stack_bucket: str = "") -> None:
         self._client = client
         self._bus = bus_name
         self._source = source
+        #: Named in every event's resources: the stack's rule matches it, whichever bucket the job's upload is in
+        #: (an attached bucket's jobs are this stack's too; other stacks may share the bus).
+        self._stack = [f"arn:aws:s3:::{stack_bucket}"] if stack_bucket else []
 
     @property
     def enabled(self) -> bool:
@@ -74,7 +77,7 @@ class JobEvents:
                     "EventBusName": self._bus,
                     "Source": self._source,
                     "DetailType": SUCCEEDED if job.state is JobState.COMPLETED else FAILED,
-                    "Resources": [f"arn:aws:s3:::{job.bucket}/{job.key}"],
+                    "Resources": [f"arn:aws:s3:::{job.bucket}/{job.key}", *self._stack],
                     "Detail": json.dumps(event_detail(job)),
                 }
             ]

@@ -75,7 +75,10 @@ def delivery_failures(settings: Settings, jobs: JobStore) -> DeliveryFailures:
 
 def job_events(settings: Settings) -> JobEvents:
     return JobEvents(
-        lazy(lambda: boto3.client("events", config=aws_config())), bus_name=settings.event_bus_name, source=settings.event_source
+        lazy(lambda: boto3.client("events", config=aws_config())),
+        bus_name=settings.event_bus_name,
+        source=settings.event_source,
+        stack_bucket=settings.input_bucket,
     )
 
 
