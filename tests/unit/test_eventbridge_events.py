@@ -43,7 +43,8 @@ def test_an_unversioned_upload_is_named_by_its_etag_and_keeps_its_sequencer() ->
     [change] = parse_notification(event("Object Created"))
     assert change.created and change.event_name == "ObjectCreated:Put"
     assert (change.bucket, change.key, change.version_id) == ("catalogue", "inputs/shoes/red.jpg", None)
-    assert (change.etag, change.sequencer, change.event_time) == ("b1946ac92492d2347c6235b4d2611184", "617f08299329d189", "2021-11-12T00:00:00Z")
+    assert (change.etag, change.sequencer) == ("b1946ac92492d2347c6235b4d2611184", "617f08299329d189")
+    assert change.event_time == "2021-11-12T00:00:00Z"
 
 
 def test_a_versioned_attached_bucket_gives_its_version() -> None:
@@ -69,7 +70,7 @@ def test_other_s3_event_types_are_acknowledged_as_nothing_of_ours() -> None:
 
 def test_an_event_from_another_source_is_malformed() -> None:
     body = json.loads(event("Object Created"))
-    with pytest.raises(MalformedNotification, match="aws.s3"):
+    with pytest.raises(MalformedNotification, match=r"aws\.s3"):
         parse_notification(json.dumps({**body, "source": "aws.ec2"}))
     del body["detail"]["object"]
     with pytest.raises(MalformedNotification, match="lacks"):

@@ -1,5 +1,8 @@
 """Start jobs for images that were in the bucket before the stack (``kontext-s3 backfill PREFIX``).
 
+The bucket is the stack's own, or one the stack is attached to (``kontext-s3 backfill --bucket NAME``, its
+``AttachedBuckets``): the messages name it, and the submit function takes them for either.
+
 Each object becomes one S3-shaped ``ObjectCreated`` message on the uploads
 queue, so it takes the same road as an upload: the submit function reads its
 tags and recipe, admission control and the daily budget decide when it goes,
@@ -8,7 +11,8 @@ so an untagged object is not left waiting for late tags, and it carries the
 edit fields given on the command line (below the object's own tags).
 
 An object whose upload already has a job is not queued at all, so a second
-run queues nothing. One listing of the prefix (``ListObjectVersions``, for the
+run queues nothing (on an unversioned bucket, such as an attached one may be,
+the upload is named by its eTag, as the submit function names it). One listing of the prefix (``ListObjectVersions``, for the
 version each job is named by) and one jobs-table read per object are the cost;
 for millions of objects, S3 Batch Operations over an inventory would do the
 listing instead (not built: see docs/tags-and-recipes.md).
@@ -62,6 +66,14 @@ def current_objects(s3: Any, bucket: str, prefix: str) -> Iterator[ObjectChange]
             )
 
 
+def _upload_id(change: ObjectChange) -> str | None:
+    """The id the submit function gives the object's upload: by its version, or on an unversioned bucket its eTag."""
+    try:
+        return derive_job_id(change.bucket, change.key, change.version_id, change.etag)
+    except ValueError:  # neither: nothing to look up, the submit function decides
+        return None
+
+
 def backfill(
     *,
     s3: Any,
@@ -93,7 +105,8 @@ def backfill(
 
     for change in current_objects(s3, bucket, prefix):
         report.listed += 1
-        if jobs is not None and change.version_id and jobs.jobs_of_upload(derive_job_id(bucket, change.key, change.version_id)):
+        upload_id = _upload_id(change)
+        if jobs is not None and upload_id and jobs.jobs_of_upload(upload_id):
             report.had_a_job += 1
             continue
         batch.append(change)

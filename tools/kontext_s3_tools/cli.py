@@ -9,6 +9,13 @@ named beside a stack or an env file that is not its own is an error, never a
 command spanning two deployments. ``AWS_ENDPOINT_URL`` (or ``--endpoint-url``)
 points it at the local stack instead of AWS.
 
+Two commands bend the rule for the buckets a stack is attached to (its
+``AttachedBuckets``, buckets it did not create): ``backfill --bucket NAME``
+lists NAME, which must be the stack's own bucket or one it is attached to, in
+the deployment found from everything else; ``attach BUCKET...`` turns on their
+EventBridge delivery and needs no deployment at all (one named is read only
+for its ``AttachedBuckets``).
+
 Every mistake ends in one line that says what is wrong and what to do next,
 and a non-zero exit; never a traceback. Everything printed goes through
 :func:`say`: keys, prompts, error texts and records are anyone's text, and none
@@ -38,6 +45,7 @@ from botocore.exceptions import (
     EndpointConnectionError,
     NoCredentialsError,
     NoRegionError,
+    ParamValidationError,
     PartialCredentialsError,
 )
 from pydantic import ValidationError
@@ -128,6 +136,10 @@ class Target:
     env_file: Path | None = None
     #: The stack's TagWaitSeconds, when it is known here (a stack's parameter, the env file, the environment).
     tag_wait_seconds: int | None = None
+    #: The existing buckets the stack is attached to (its AttachedBuckets); None when that is not known here.
+    attached_buckets: tuple[str, ...] | None = None
+    #: The CloudFormation stack it came from (--stack, KONTEXT_S3_STACK), if any.
+    stack: str | None = None
 
     @property
     def layout(self) -> OutputLayout:
@@ -566,10 +578,26 @@ def _parser() -> argparse.ArgumentParser:
     backfill = command(
         "backfill",
         "start jobs for the images already under a prefix (each object once: a second run starts nothing)",
-        "kontext-s3 backfill catalogue/ --prompt 'Remove the background'",
+        "kontext-s3 backfill catalogue/ --prompt 'Remove the background'\n"
+        "  kontext-s3 --stack kontext-s3 backfill --bucket my-catalogue catalogue/",
+        details="--bucket NAME lists a bucket the stack is attached to (its AttachedBuckets) instead of its own; the stack\n"
+        "(its jobs table and uploads queue) is found as usual: --stack, KONTEXT_S3_* variables, out/stack.env.",
     )
     backfill.add_argument("prefix", nargs="?", default="", help="inside the input prefix, such as catalogue/ (default: all of it)")
     _edit_options(backfill, prompt_required=False)
+
+    attach = command(
+        "attach",
+        "turn on S3's EventBridge delivery of existing buckets, so their uploads reach a stack deployed with AttachedBuckets",
+        "kontext-s3 --stack kontext-s3 attach my-catalogue",
+        details="Each bucket's notification configuration is read, EventBridge is added, and the whole of it is put back:\n"
+        "its queue, topic and Lambda destinations stay as they were. A bucket already on is left alone. It talks to S3\n"
+        "with your credentials; a stack named as usual (--stack, KONTEXT_S3_*, out/stack.env) is read only to remind you\n"
+        "of a bucket missing from its AttachedBuckets. backfill --bucket NAME then starts jobs for what is in it already.\n"
+        "Exit codes: 0 done, 1 (--check) a bucket is off, 2 a bucket that is not there or not yours to configure.",
+    )
+    attach.add_argument("buckets", nargs="+", metavar="BUCKET", help="bucket names, such as my-catalogue")
+    attach.add_argument("--check", action="store_true", help="change nothing: say whether each one's delivery is on (exit 1 if one is off)")
 
     dlq = command("dlq", "the uploads that ended in the dead-letter queue", "kontext-s3 dlq list")
     dlq_actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
@@ -647,6 +675,8 @@ def _alive(pid: int) -> bool:
 _BUCKET = "KONTEXT_S3_BUCKET"
 _TABLE = "KONTEXT_S3_TABLE"
 _TAG_WAIT = "KONTEXT_S3_TAG_WAIT_SECONDS"
+#: The existing buckets the stack is attached to (its ``AttachedBuckets``), comma-separated. Present but empty: none.
+_ATTACHED = "KONTEXT_S3_ATTACHED_BUCKETS"
 #: Everything one deployment tells the CLI, by the names the environment and the env file use.
 _PLACE = (
     _BUCKET,
@@ -656,6 +686,7 @@ _PLACE = (
     "KONTEXT_S3_INPUT_PREFIX",
     "KONTEXT_S3_OUTPUT_PREFIX",
     _TAG_WAIT,
+    _ATTACHED,
 )
 #: Settings that have no option: a bucket named by ``--bucket`` takes them from the environment (or their defaults).
 _NO_OPTION = ("KONTEXT_S3_INPUT_PREFIX", "KONTEXT_S3_OUTPUT_PREFIX", _TAG_WAIT)
@@ -669,8 +700,23 @@ _STACK_OUTPUTS = {
     "OutputPrefix": "KONTEXT_S3_OUTPUT_PREFIX",
 }
 _STACK_PARAMETERS = {"TagWaitSeconds": _TAG_WAIT}
+#: What :func:`choose_target` answers when nothing names a place at all (``attach`` needs none).
+_NO_PLACE = (
+    "error: no bucket: pass --stack (the deployed stack's name) or --bucket, set KONTEXT_S3_BUCKET, "
+    "or start the local stack with make stack"
+)
 #: What a local user is told instead of signing in to AWS.
 _LOCAL_HINT = "is the local stack running? make stack"
+
+
+def _place_values(given: Mapping[str, str]) -> dict[str, str]:
+    """The deployment's values among ``given``; an empty value is no value, but for the attached buckets (none)."""
+    return {name: given[name] for name in _PLACE if given.get(name) or (name == _ATTACHED and name in given)}
+
+
+def _bucket_names(text: str) -> tuple[str, ...]:
+    """``AttachedBuckets`` as CloudFormation gives a CommaDelimitedList (``a,b``), or as an env file writes it."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _shown(where: str, value: str) -> str:
@@ -797,7 +843,7 @@ def choose_target(
                 label=f"local stack from {_cut(path)}" + (f" ({where})" if where else ""),
                 given_by=_shown(where, str(path)) if where else _cut(path),
                 where=where,
-                values={name: values[name] for name in _PLACE if values.get(name)},
+                values=_place_values(values),
                 env_file=path,
                 claims=claims,
                 # The file's endpoint and keys belong to its stack; only an explicit option overrides them.
@@ -832,11 +878,8 @@ def choose_target(
             return local_stack(Path(file), file_where)
         bucket = next((named for named in names if named.name == _BUCKET), None)
         if bucket is not None:
-            if names is option_names:
-                # --bucket: the environment's place is not this one; only settings with no option come from it.
-                values = {name: environ[name] for name in _NO_OPTION if environ.get(name)}
-            else:
-                values = {name: environ[name] for name in _PLACE if environ.get(name)}
+            # --bucket: the environment's place is not this one; only settings with no option come from it.
+            values = {name: environ[name] for name in _NO_OPTION if environ.get(name)} if names is option_names else _place_values(environ)
             values.update({named.name: named.value for named in option_names})  # --table over KONTEXT_S3_TABLE
             return TargetSource(
                 label=bucket.where,
@@ -849,10 +892,7 @@ def choose_target(
             )
     if env_file(DEFAULT_ENV_FILE) is not None:
         return local_stack(DEFAULT_ENV_FILE, None)
-    return TargetError(
-        "error: no bucket: pass --stack (the deployed stack's name) or --bucket, set KONTEXT_S3_BUCKET, "
-        "or start the local stack with make stack"
-    )
+    return TargetError(_NO_PLACE)
 
 
 def _env_file_values(path: Path) -> dict[str, str] | None:
@@ -884,6 +924,8 @@ def _describe_stack(source: TargetSource) -> dict[str, str]:
     parameters = {p["ParameterKey"]: p.get("ParameterValue", "") for p in described.get("Parameters", [])}
     values = {name: outputs[key] for key, name in _STACK_OUTPUTS.items() if outputs.get(key)}
     values.update({name: parameters[key] for key, name in _STACK_PARAMETERS.items() if parameters.get(key)})
+    if "AttachedBuckets" in parameters:  # empty too: a stack with the parameter, attached to no bucket
+        values[_ATTACHED] = parameters["AttachedBuckets"]
     if _BUCKET not in values:
         raise CliError(f"error: the stack {quote(source.stack)} has no InputBucketName output; is it a kontext-s3 stack?", EXIT_USAGE)
     return values
@@ -921,6 +963,8 @@ def _resolve(source: TargetSource) -> Target:
         label=source.label,
         env_file=source.env_file,
         tag_wait_seconds=_seconds(values.get(_TAG_WAIT)),
+        attached_buckets=_bucket_names(values[_ATTACHED]) if _ATTACHED in values else None,
+        stack=source.stack,
     )
 
 
@@ -1013,6 +1057,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "backfill" and _fields_from(args):
             validate_fields(_fields_from(args), prompt_required=False)
+        if args.command == "attach":
+            # Any stack named is read (for its AttachedBuckets); with none, S3 is reached as the options and boto3 say.
+            place = _attach_place(args)
+            if place is None:
+                where = reach = _reach(args)
+                return _attach(args, reach, None)
+            where = found = _resolve(place)
+            return _attach(args, found, found)
+        if args.command == "backfill" and args.bucket:
+            where = source = _backfill_source(args)
+            where = target = _in_bucket(_resolve(source), args.bucket)
+            return _backfill(target, args)
         if args.command == "upload":
             # The file is checked before anything about AWS, so a typo costs no round trip.
             read_image(args.image)
@@ -1200,6 +1256,217 @@ def _dlq(target: Target, args: argparse.Namespace) -> int:
         say(f"moved back: {', '.join(letter.keys) or letter.note}")
     say(f"{len(moved)} message(s) moved back to the uploads queue")
     return 0 if moved or args.everything else EXIT_FAILED
+
+
+def _in_bucket(target: Target, bucket: str) -> Target:
+    """``target`` working in ``bucket``: the stack's own, or one of its AttachedBuckets (backfill --bucket)."""
+    if bucket == target.bucket:
+        return target
+    attached = target.attached_buckets
+    if attached is None:
+        # An env file or variables that do not say (the stack's parameters always do): the submit function decides.
+        say(
+            f"note: the AttachedBuckets of {_the_stack(target)} are not known here; unless the stack lists {_cut(bucket)}, "
+            "its submit function ignores what is queued",
+            err=True,
+        )
+    elif bucket not in attached:
+        raise CliError(
+            f"error: --bucket {quote(bucket)} is neither the bucket {_the_stack(target)} created nor one of its AttachedBuckets "
+            f"({_listed(attached)}); deploy the stack with --parameter-overrides "
+            f"AttachedBuckets={_cut(','.join([*attached, bucket]))}, then run kontext-s3 attach {_cut(shlex.quote(bucket))}",
+            EXIT_USAGE,
+        )
+    return replace(target, bucket=bucket)
+
+
+def _the_stack(target: Target) -> str:
+    """How a line names the deployment: ``stack 'kontext-s3'``, or ``the stack (local stack from out/stack.env)``."""
+    return f"stack {quote(target.stack)}" if target.stack else f"the stack ({target.label})"
+
+
+def _listed(buckets: tuple[str, ...]) -> str:
+    """The stack's AttachedBuckets (bucket names, which S3 keeps short and plain), or "none"."""
+    return ", ".join(buckets) if buckets else "none"
+
+
+def _backfill_source(args: argparse.Namespace) -> TargetSource:
+    """Where ``backfill --bucket NAME`` works: the deployment the rule finds from everything but ``--bucket``.
+
+    ``--bucket`` names the bucket to list, which must be the deployment's own or one it is attached to
+    (:func:`_in_bucket`); the table and the uploads queue are the deployment's.
+    """
+    chosen = choose_target({**vars(args), "bucket": None}, os.environ, _env_file_values)
+    if isinstance(chosen, TargetError):
+        if chosen.message == _NO_PLACE:
+            raise CliError(
+                f"error: backfill --bucket {quote(args.bucket)} needs the stack the bucket is attached to: pass --stack, "
+                "set KONTEXT_S3_STACK, or start the local stack with make stack",
+                EXIT_USAGE,
+            )
+        raise CliError(chosen.message, EXIT_USAGE)
+    return chosen
+
+
+#: A notification configuration's destinations other than EventBridge: each kept as it is by attach.
+_NOTIFICATION_TARGETS = ("QueueConfigurations", "TopicConfigurations", "LambdaFunctionConfigurations")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A bucket's EventBridge delivery, as attach found it (and left it)."""
+
+    bucket: str
+    was_on: bool
+    #: Queue, topic and Lambda destinations the configuration has besides EventBridge.
+    others: int
+    turned_on: bool = False
+
+
+def eventbridge_delivery(s3: Any, bucket: str, *, turn_on: bool) -> Delivery:
+    """Whether ``bucket`` sends its events to EventBridge; with ``turn_on``, it does afterwards.
+
+    PutBucketNotificationConfiguration replaces the whole configuration, so the one read is put back whole, with
+    ``EventBridgeConfiguration`` added: every queue, topic and Lambda destination stays as it was. The existing
+    destinations are not validated again (``SkipDestinationValidation``): one that S3 would now refuse, or one
+    this caller may not read, is kept, not a reason to refuse. On already: nothing is written.
+    """
+    config = dict(s3.get_bucket_notification_configuration(Bucket=bucket))
+    config.pop("ResponseMetadata", None)
+    others = sum(len(config.get(name) or ()) for name in _NOTIFICATION_TARGETS)
+    was_on = "EventBridgeConfiguration" in config
+    if was_on or not turn_on:
+        return Delivery(bucket, was_on, others)
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket, NotificationConfiguration={**config, "EventBridgeConfiguration": {}}, SkipDestinationValidation=True
+    )
+    return Delivery(bucket, was_on, others, turned_on=True)
+
+
+def _bucket_name(given: str) -> str:
+    """A bucket as attach takes it: ``my-catalogue``, ``s3://my-catalogue`` or ``s3://my-catalogue/``."""
+    name = given.strip().removeprefix("s3://").rstrip("/")
+    if not name or "/" in name:
+        raise CliError(
+            f"error: {quote(given)} is not a bucket name: give the name alone, such as my-catalogue (uploads go under the "
+            "stack's InputPrefix in it)",
+            EXIT_USAGE,
+        )
+    return name
+
+
+def _delivery_refused(exc: ClientError, bucket: str, reach: Target | TargetSource, *, check: bool) -> str | None:
+    """One line for S3's refusal about this bucket; None when it is about the credentials (every bucket alike)."""
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    if code in _EXPIRED or code in _BAD_KEY:
+        return None
+    at = f"s3://{_cut(bucket)}"
+    if code == "NoSuchBucket":
+        where = f" at {_cut(reach.endpoint_url)}" if reach.endpoint_url else ""
+        return f"error: {at}: no such bucket{where}; check its name (kontext-s3 attach takes bucket names, such as my-catalogue)"
+    if code in ("AccessDenied", "AllAccessDisabled", "403"):
+        needs = "s3:GetBucketNotification" if check else "s3:GetBucketNotification and s3:PutBucketNotification"
+        return (
+            f"error: {at}: access refused ({exc.operation_name}); this needs {needs} on the bucket: "
+            "use the bucket owner's credentials (aws sts get-caller-identity shows whose these are)"
+        )
+    said = _cut(error.get("Message", ""))
+    return f"error: {at}: S3 refused {exc.operation_name}: {_cut(code)}: {said}".rstrip(": ")
+
+
+def _reach(args: argparse.Namespace) -> TargetSource:
+    """How to reach S3 when no place is named: the options, else what boto3 itself reads (attach needs no stack)."""
+    return TargetSource(
+        label="",
+        given_by="",
+        where=None,
+        endpoint_url=args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+        region=args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+        credentials=_credentials(os.environ),
+    )
+
+
+def _attach_place(args: argparse.Namespace) -> TargetSource | None:
+    """The deployment, when something names one (to check its AttachedBuckets); None when nothing does."""
+    chosen = choose_target(vars(args), os.environ, _env_file_values)
+    if isinstance(chosen, TargetError):
+        if chosen.message == _NO_PLACE:
+            return None
+        raise CliError(chosen.message, EXIT_USAGE)
+    return chosen
+
+
+def _attach(args: argparse.Namespace, reach: Target | TargetSource, target: Target | None) -> int:
+    """``kontext-s3 attach BUCKET...``: one line a bucket; with ``--check``, nothing changes."""
+    s3 = (
+        reach.client("s3")
+        if isinstance(reach, Target)
+        else _session(reach.credentials, reach.region).client("s3", endpoint_url=reach.endpoint_url)
+    )
+    refused = off = False
+    fine: list[str] = []  # the buckets that send to EventBridge now (or would, for --check)
+    for given in dict.fromkeys(args.buckets):  # each once, in the order given
+        try:
+            bucket = _bucket_name(given)
+            if target is not None and bucket == target.bucket:
+                raise CliError(
+                    f"error: s3://{_cut(bucket)} is the bucket {_the_stack(target)} created: its own notifications send its "
+                    "uploads to the stack, and CloudFormation keeps them; attach only buckets the stack did not create",
+                    EXIT_USAGE,
+                )
+            delivery = eventbridge_delivery(s3, bucket, turn_on=not args.check)
+        except CliError as exc:
+            say(str(exc), err=True)
+            refused = True
+            continue
+        except ParamValidationError:
+            say(f"error: {quote(given)} is not a valid S3 bucket name; check it", err=True)
+            refused = True
+            continue
+        except ClientError as exc:
+            line = _delivery_refused(exc, bucket, reach, check=args.check)
+            if line is None:
+                raise
+            say(line, err=True)
+            refused = True
+            continue
+        at = f"s3://{_cut(bucket)}"
+        others = f"{delivery.others} other notification target{'' if delivery.others == 1 else 's'}"
+        if delivery.turned_on:
+            say(f"{at}: EventBridge delivery on (was off; {others} kept)")
+        elif delivery.was_on:
+            say(f"{at}: EventBridge delivery {'on' if args.check else 'already on'} ({others})")
+        else:
+            say(f"{at}: EventBridge delivery off ({others}); turn it on with: kontext-s3 attach {_cut(shlex.quote(bucket))}")
+            off = True
+        if delivery.was_on or delivery.turned_on:
+            fine.append(bucket)
+    for line in _attached_reminder(target, fine):
+        say(line)
+    return EXIT_USAGE if refused else EXIT_FAILED if off else 0
+
+
+def _attached_reminder(target: Target | None, buckets: list[str]) -> list[str]:
+    """What the stack itself still needs, as far as it is known here: the buckets in its AttachedBuckets."""
+    if target is None or not buckets:
+        return []
+    attached = target.attached_buckets
+    if attached is None:
+        if target.stack is None:
+            return []  # an env file or variables that do not say: nothing to remind of
+        return [
+            f"reminder: {_the_stack(target)} has no AttachedBuckets parameter: deploy this version of the template with "
+            f"--parameter-overrides AttachedBuckets={','.join(buckets)}, or its functions never see these uploads"
+        ]
+    missing = [bucket for bucket in buckets if bucket not in attached]
+    if not missing:
+        return []
+    return [
+        f"reminder: {_the_stack(target)} does not list {', '.join(missing)} in its AttachedBuckets ({_listed(attached)}): "
+        "until it does, uploads there start nothing; deploy it with --parameter-overrides "
+        f"AttachedBuckets={','.join([*attached, *missing])} (the whole list: it replaces the old one)"
+    ]
 
 
 def _recipe(target: Target, args: argparse.Namespace) -> int:

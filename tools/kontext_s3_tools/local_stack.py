@@ -1029,6 +1029,7 @@ class LocalStack:
             "KONTEXT_S3_OUTPUT_PREFIX": self.resources.output_prefix,
             "KONTEXT_S3_QUEUE_URL": self.resources.queue_url,
             "KONTEXT_S3_DLQ_URL": self.resources.dlq_url,
+            "KONTEXT_S3_ATTACHED_BUCKETS": self.resources.stack.parameters.get("AttachedBuckets", ""),
         }
 
     def target(self) -> Target:
