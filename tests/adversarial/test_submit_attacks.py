@@ -213,7 +213,7 @@ def test_a_record_for_another_bucket_is_ignored_with_a_log_line(world: World, ca
     assert world.deliver(submit, {**message, "Body": json.dumps(body)}) == []
     assert world.posts() == 0
     assert world.aws.table().scan()["Items"] == []
-    assert any("another bucket" in r.getMessage() for r in our_log_lines(caplog))
+    assert any("a bucket the stack is not attached to" in r.getMessage() for r in our_log_lines(caplog))
 
 
 # -- credentials at rest --------------------------------------------------------------------

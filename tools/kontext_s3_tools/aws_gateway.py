@@ -12,6 +12,23 @@ It forwards each request to moto, and on the way it
   own authorization off: its mapping of requests to actions changes between
   releases (5.2.6 asks IAM for ``s3:HeadObject``, which IAM does not have), and
   it judges DynamoDB, Secrets Manager, EventBridge and CloudWatch against ``*``;
+* judges, as S3 does, the KMS key behind an object: a judged caller that
+  reads an object stored with SSE-KMS under a customer managed key (GET or
+  HEAD, a presigned GET, the source of a copy or of a part copy) also needs
+  ``kms:Decrypt`` on that key, and one that writes an object S3 encrypts under
+  such a key (PUT, a presigned PUT, a copy's destination, CreateMultipartUpload:
+  the key the request names in ``x-amz-server-side-encryption-aws-kms-key-id``,
+  else the bucket's default encryption) needs ``kms:GenerateDataKey`` on it, and
+  ``kms:Decrypt`` for each part (UploadPart, UploadPartCopy). The refusal is S3's
+  403 ``AccessDenied`` naming the KMS action and the key's ARN (a HEAD, a bare
+  403). Objects under SSE-S3 or the AWS managed key (``aws/s3``, whose key
+  policy lets the account's S3 callers use it) ask nothing of KMS. A read is
+  judged on the key moto's answer names (no extra request); a copy's source is
+  looked up with a HEAD first, and a write reads the bucket's default
+  encryption (``GET ?encryption``, kept a couple of seconds per bucket, and
+  forgotten when a call through the gateway changes it). Key ids and aliases are
+  judged as their key's ARN. moto's KMS keys are not consulted otherwise: a key
+  policy that refuses, or a disabled key, is not modelled;
 * refuses credentials it does not know, as AWS refuses a key it never issued;
 * refuses a presigned URL past its expiry, or past the expiry of the session
   that signed it, as S3 does (moto checks neither).
@@ -32,7 +49,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import httpx
 from botocore.auth import S3SigV4Auth, SigV4Auth
@@ -46,6 +63,13 @@ from kontext_s3_tools.template_model import ACCOUNT, REGION
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request")
 #: Services whose calls the gateway judges against the caller's role (every service the functions call).
 JUDGED_SERVICES = frozenset({"s3", "sqs", "dynamodb", "secretsmanager", "events", "monitoring", "logs"})
+#: The reason :func:`evaluate` gives when nothing allows a call (said as IAM says it, naming the action).
+NO_ALLOW = "no identity-based policy allows it"
+#: How long the gateway trusts what it read of a bucket's default encryption (calls straight to moto can change it).
+BUCKET_ENCRYPTION_SECONDS = 2.0
+_SSE = "x-amz-server-side-encryption"
+_SSE_KEY = "x-amz-server-side-encryption-aws-kms-key-id"
+_SIGV4_FOR_KMS = "Requests specifying Server Side Encryption with AWS KMS managed keys require AWS Signature Version 4."
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization", "proxy-authenticate"}
 
 
@@ -150,6 +174,11 @@ class AwsGateway:
         self.record = False
         self._faults: list[FaultRule] = []
         self._lock = threading.Lock()
+        #: bucket -> (until, its default customer managed KMS key's ARN or None); alias -> (until, key ARN).
+        self._bucket_keys: dict[str, tuple[float, str | None]] = {}
+        self._aliases: dict[str, tuple[float, str]] = {}
+        #: Multipart uploads created through the gateway -> the KMS key their parts are encrypted under.
+        self._upload_keys: dict[str, str | None] = {}
         self._client = httpx.Client(timeout=120.0, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
         self._server = QuietHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
@@ -202,16 +231,174 @@ class AwsGateway:
             return self._presigned(call, identity)
         if identity is None and self.refuse_unknown_keys and not self._is_admin(call.access_key):
             return unknown_key(call)
+        upload_key: str | None = None
         if identity is not None and call.service in JUDGED_SERVICES:
             for action, resource, context in judged_targets(call):
                 decision = self._judge(identity, action, resource, context)
                 if not decision.allowed:
                     return access_denied(identity, call, action, resource, decision)
+            if call.service == "s3":
+                refusal, upload_key = self._judge_kms_before(call, identity)
+                if refusal is not None:
+                    return refusal
+        if call.service == "s3" and "encryption" in call.query and method in ("PUT", "DELETE"):
+            self._forget_bucket_key(call)
         # moto authorizes nothing (see above): what the gateway let through goes on as it came.
         answer = self.forward(method, target, headers, body)
-        if identity is not None and call.service == "s3" and answer.status == 404 and method in ("GET", "HEAD"):
-            return self._hide_absence(call, identity, answer)
+        if call.service == "s3" and "encryption" in call.query and method in ("PUT", "DELETE"):
+            self._forget_bucket_key(call)
+        if identity is not None and call.service == "s3":
+            if answer.status == 404 and method in ("GET", "HEAD"):
+                return self._hide_absence(call, identity, answer)
+            if _reads_object(call):
+                refusal = self._judge_kms_read(call, identity, answer)
+                if refusal is not None:
+                    return refusal
+            if method == "POST" and "uploads" in call.query and answer.status == 200:
+                self._remember_upload(answer, upload_key)
+        if "uploadId" in call.query and method in ("POST", "DELETE") and answer.status in (200, 204):
+            with self._lock:  # completed or aborted: no more parts
+                self._upload_keys.pop(call.query["uploadId"][0], None)
         return answer
+
+    # -- KMS, as S3 asks it of the caller ----------------------------------------------------------
+
+    def _judge_kms_before(self, call: Call, identity: Identity) -> tuple[Answer | None, str | None]:
+        """The KMS permissions a write or copy needs, judged before moto does it; and a new upload's key."""
+        bucket, _, key = unquote(call.path.lstrip("/")).partition("/")
+        if not key or any(name in call.query for name in _S3_OBJECT_SUBRESOURCES):
+            return None, None
+        needs: list[tuple[str, str]] = []
+        upload_key = None
+        if call.method == "POST" and "uploads" in call.query:  # CreateMultipartUpload
+            upload_key = self._write_key(bucket, call.headers)
+            needs.append(("kms:GenerateDataKey", upload_key or ""))
+        elif call.method == "PUT" and "uploadId" in call.query:  # UploadPart, UploadPartCopy
+            upload_id = call.query["uploadId"][0]
+            with self._lock:
+                known = upload_id in self._upload_keys
+                part_key = self._upload_keys.get(upload_id)
+            needs.append(("kms:Decrypt", (part_key if known else self._bucket_key(bucket)) or ""))
+        elif call.method == "PUT":  # PutObject, or CopyObject's destination
+            needs.append(("kms:GenerateDataKey", self._write_key(bucket, call.headers) or ""))
+        source = _copy_source(call)
+        if source is not None and call.method == "PUT":
+            needs.append(("kms:Decrypt", self._object_key(*source) or ""))
+        for action, key_arn in needs:
+            if key_arn:
+                refusal = self._judge_kms(call, identity, action, key_arn, f"arn:aws:s3:::{bucket}/{key}")
+                if refusal is not None:
+                    return refusal, None
+        return None, upload_key
+
+    def _judge_kms_read(self, call: Call, identity: Identity | None, answer: Answer) -> Answer | None:
+        """A read of an SSE-KMS object, judged on the key moto's answer names (the object is read, not changed)."""
+        if answer.status not in (200, 206):
+            return None
+        sent = {k.lower(): v for k, v in answer.headers.items()}
+        if not sent.get(_SSE, "").startswith("aws:kms"):
+            return None
+        if call.presigned and "X-Amz-Date" not in call.query:  # SigV2: S3 refuses it for any SSE-KMS object, whoever signed
+            if call.method == "HEAD":
+                return Answer(400, b"", {"Content-Type": "application/xml"})
+            return s3_error(400, "InvalidArgument", _SIGV4_FOR_KMS, {"ArgumentName": "Authorization", "ArgumentValue": "null"})
+        key_id = sent.get(_SSE_KEY)
+        if identity is None or not key_id or self._is_aws_managed(key_id):
+            return None
+        resource = "arn:aws:s3:::" + unquote(call.path.lstrip("/"))
+        return self._judge_kms(call, identity, "kms:Decrypt", self._key_arn(key_id), resource)
+
+    def _judge_kms(self, call: Call, identity: Identity, action: str, key_arn: str, object_arn: str) -> Answer | None:
+        context = {
+            "kms:ViaService": f"s3.{REGION}.amazonaws.com",
+            "kms:CallerAccount": ACCOUNT,
+            "kms:EncryptionContext:aws:s3:arn": object_arn,
+        }
+        decision = self._judge(identity, action, key_arn, context)
+        if decision.allowed:
+            return None
+        return access_denied(identity, call, action, key_arn, decision)
+
+    def _write_key(self, bucket: str, headers: dict[str, str]) -> str | None:
+        """The customer managed key S3 encrypts a new object under: the request's, else the bucket default's."""
+        sent = {k.lower(): v for k, v in headers.items()}
+        if "x-amz-server-side-encryption-customer-algorithm" in sent:
+            return None  # SSE-C: the caller's own key
+        algorithm = sent.get(_SSE)
+        if algorithm is not None and not algorithm.startswith("aws:kms"):
+            return None  # AES256 asked for, whatever the bucket's default
+        key_id = sent.get(_SSE_KEY)
+        if key_id:
+            return None if self._is_aws_managed(key_id) else self._key_arn(key_id)
+        # No key named: the bucket default's key (which moto stores, and reads are judged on), if it has one.
+        return self._bucket_key(bucket)
+
+    def _bucket_key(self, bucket: str) -> str | None:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._bucket_keys.get(bucket)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        answer = self._signed_forward("GET", f"/{quote(bucket)}?encryption=", {}, b"", "s3")
+        key_arn = None
+        if answer.status == 200:
+            text = answer.body.decode("utf-8", "replace")
+            algorithm = re.search(r"<SSEAlgorithm>([^<]+)</SSEAlgorithm>", text)
+            key_id = re.search(r"<KMSMasterKeyID>([^<]+)</KMSMasterKeyID>", text)
+            if algorithm and algorithm.group(1).startswith("aws:kms") and key_id and not self._is_aws_managed(key_id.group(1)):
+                key_arn = self._key_arn(key_id.group(1))
+        with self._lock:
+            self._bucket_keys[bucket] = (now + BUCKET_ENCRYPTION_SECONDS, key_arn)
+        return key_arn
+
+    def _forget_bucket_key(self, call: Call) -> None:
+        with self._lock:
+            self._bucket_keys.pop(unquote(call.path.lstrip("/")).partition("/")[0], None)
+
+    def _object_key(self, bucket: str, key: str, version: str) -> str | None:
+        """The customer managed key an object is stored under, from a HEAD of it (``None``: not SSE-KMS, or gone)."""
+        target = f"/{quote(bucket)}/{quote(key, safe='/~')}" + (f"?versionId={quote(version)}" if version else "")
+        answer = self._signed_forward("HEAD", target, {}, b"", "s3")
+        sent = {k.lower(): v for k, v in answer.headers.items()}
+        key_id = sent.get(_SSE_KEY)
+        if answer.status != 200 or not sent.get(_SSE, "").startswith("aws:kms") or not key_id or self._is_aws_managed(key_id):
+            return None
+        return self._key_arn(key_id)
+
+    def _remember_upload(self, answer: Answer, key_arn: str | None) -> None:
+        found = re.search(rb"<UploadId>([^<]+)</UploadId>", answer.body)
+        if found:
+            with self._lock:
+                self._upload_keys[found.group(1).decode()] = key_arn
+
+    @staticmethod
+    def _is_aws_managed(key_id: str) -> bool:
+        return key_id == "alias/aws/s3" or key_id.endswith(":alias/aws/s3")
+
+    def _key_arn(self, key_id: str) -> str:
+        """A key id, key ARN, alias or alias ARN as the ARN of its key (what IAM judges KMS calls on)."""
+        if key_id.startswith("arn:") and ":key/" in key_id:
+            return key_id
+        if key_id.startswith("alias/") or ":alias/" in key_id:
+            return self._alias_target(key_id)
+        return f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{key_id}"
+
+    def _alias_target(self, alias: str) -> str:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._aliases.get(alias)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        body = json.dumps({"KeyId": alias}).encode()
+        headers = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": "TrentService.DescribeKey"}
+        answer = self._signed_forward("POST", "/", headers, body, "kms")
+        try:
+            key_arn = str(json.loads(answer.body)["KeyMetadata"]["Arn"])
+        except (ValueError, KeyError, TypeError):  # no such alias: judged on the alias's own ARN
+            key_arn = alias if alias.startswith("arn:") else f"arn:aws:kms:{REGION}:{ACCOUNT}:{alias}"
+        with self._lock:
+            self._aliases[alias] = (now + BUCKET_ENCRYPTION_SECONDS, key_arn)
+        return key_arn
 
     def _hide_absence(self, call: Call, identity: Identity, answer: Answer) -> Answer:
         """S3 tells "no such key" (404) only to a caller allowed ``s3:ListBucket`` on the bucket; others get 403.
@@ -255,11 +442,20 @@ class AwsGateway:
             decision = self._judge(identity, action, f"arn:aws:s3:::{bucket}/{key}")
             if not decision.allowed:
                 return s3_error(403, "AccessDenied", "Access Denied", {})
+            if call.method == "PUT":
+                refusal, _ = self._judge_kms_before(call, identity)
+                if refusal is not None:
+                    return refusal
         kept = {
             k: v for k, v in query.items() if not k.lower().startswith("x-amz-") and k not in ("AWSAccessKeyId", "Signature", "Expires")
         }
         target = call.path + (f"?{urlencode(kept)}" if kept else "")
-        return self._signed_forward(call.method, target, {}, b"", "s3")
+        answer = self._signed_forward(call.method, target, {}, b"", "s3")
+        if _reads_object(call):
+            refusal = self._judge_kms_read(call, identity, answer)
+            if refusal is not None:
+                return refusal
+        return answer
 
     def _is_admin(self, access_key: str | None) -> bool:
         return self.admin is not None and access_key == self.admin.access_key
@@ -372,10 +568,11 @@ def s3_targets(call: Call) -> list[Target]:
             return [("s3:DeleteObjectVersion" if versioned else "s3:DeleteObject", resource, {})]
         if method == "PUT":
             targets: list[Target] = [("s3:PutObject", resource, {})]
-            source = next((v for k, v in call.headers.items() if k.lower() == "x-amz-copy-source"), None)
+            source = _copy_source(call)
             if source:  # a copy also reads its source
-                path, _, version = unquote(source).lstrip("/").partition("?versionId=")
-                targets.append(("s3:GetObjectVersion" if version else "s3:GetObject", f"arn:aws:s3:::{path}", {}))
+                source_bucket, source_key, version = source
+                action = "s3:GetObjectVersion" if version else "s3:GetObject"
+                targets.append((action, f"arn:aws:s3:::{source_bucket}/{source_key}", {}))
             return targets
         return [(f"s3:{method}Object", resource, {})]
     for name, actions in _S3_BUCKET_SUBRESOURCES.items():
@@ -386,6 +583,24 @@ def s3_targets(call: Call) -> list[Target]:
     if method in ("GET", "HEAD"):
         return [("s3:ListBucket", bucket_arn, _listing_context(query))]
     return [({"PUT": "s3:CreateBucket", "DELETE": "s3:DeleteBucket"}.get(method, f"s3:{method}Bucket"), bucket_arn, {})]
+
+
+def _copy_source(call: Call) -> tuple[str, str, str] | None:
+    """A copy's (or part copy's) source: bucket, key and version (``""`` for the current one)."""
+    source = _header(call, "x-amz-copy-source")
+    if not source:
+        return None
+    path, _, version = unquote(source).lstrip("/").partition("?versionId=")
+    bucket, _, key = path.partition("/")
+    return bucket, key, version
+
+
+def _reads_object(call: Call) -> bool:
+    """A GET or HEAD of an object's content (not of its tags, ACL, attributes ... nor a multipart listing)."""
+    _, _, key = call.path.lstrip("/").partition("/")
+    if not key or call.method not in ("GET", "HEAD"):
+        return False
+    return not any(name in call.query for name in (*_S3_OBJECT_SUBRESOURCES, "uploadId", "uploads"))
 
 
 def _listing_context(query: dict[str, list[str]]) -> dict[str, str]:
@@ -417,7 +632,8 @@ def _header(call: Call, name: str) -> str:
 
 def access_denied(identity: Identity, call: Call, action: str, resource: str, decision: Decision) -> Answer:
     """The refusal as the service answers it: S3's XML ``AccessDenied`` (a HEAD, bare 403), or the JSON protocol's."""
-    message = f"User: {identity.principal_arn} is not authorized to perform: {action} on resource: {resource} because {decision.reason}"
+    reason = f"no identity-based policy allows the {action} action" if decision.reason == NO_ALLOW else decision.reason
+    message = f"User: {identity.principal_arn} is not authorized to perform: {action} on resource: {resource} because {reason}"
     if call.service == "s3":
         if call.method == "HEAD":
             return Answer(403, b"", {"Content-Type": "application/xml"})

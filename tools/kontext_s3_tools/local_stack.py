@@ -119,7 +119,7 @@ class MotoServer:
 
     def start(self, timeout: float = 30.0) -> MotoServer:
         self._process = subprocess.Popen(
-            # moto's server, with its one S3 notification that AWS does not send put right (see the module).
+            # moto's server, with its S3 events (notifications and EventBridge's) as S3 sends them (see the module).
             [sys.executable, "-m", "kontext_s3_tools.moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
             # AWS's managed policies (AWSLambdaBasicExecutionRole ...), which SAM attaches to function roles.
             env={**os.environ, "MOTO_IAM_LOAD_MANAGED_POLICIES": "true"},
