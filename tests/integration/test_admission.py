@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kontext_s3.admission import Admission, Admitted, Wait, is_dispatch
+from kontext_s3.admission import DISPATCH, Admission, Admitted, Wait, is_dispatch
 from kontext_s3.jobs import Job, JobState, JobStore, new_holder
 from kontext_s3_tools.local_stack import LambdaContext, SqsPoller, sqs_event
 from tests.helpers import Aws, jpeg_bytes
@@ -298,3 +298,26 @@ def test_a_day_of_80_uploads_with_a_budget_of_50_images_runs_50_and_the_rest_the
         submit.lambda_handler(dispatch_event(world), LambdaContext("submit", 60))
     until(lambda: world.jobs_states().count("COMPLETED") == 80, timeout=90, what="the other 30")
     assert world.posts() == 80
+
+
+def test_a_dispatch_that_fills_the_freed_slot_leaves_the_rest_of_the_line_untouched(world: World) -> None:
+    submit = world.submit(MAX_JOBS_AT_FAL="1")
+    world.emulator.set_faults(queue_ms=60_000)
+    first = world.upload("inputs/line/first.jpg")
+    assert world.deliver(submit, world.upload_event()) == []
+    waiting = {}
+    for name in ("second", "third"):
+        version = world.upload(f"inputs/line/{name}.jpg")
+        assert world.deliver(submit, world.upload_event()) == []
+        waiting[name] = world.job(f"inputs/line/{name}.jpg", version)
+        assert waiting[name].state is JobState.WAITING
+    # The first job's end frees its slot and signals the line (as its webhook does).
+    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(
+        world.job("inputs/line/first.jpg", first).job_id, 0
+    )
+    world.deliver(submit, {"MessageId": "dispatch", "ReceiptHandle": "r", "Body": json.dumps(DISPATCH), "Attributes": {}})
+    assert JobStore(world.aws.table()).get(waiting["second"].job_id).state is JobState.SUBMITTED  # type: ignore[union-attr]
+    third = JobStore(world.aws.table()).get(waiting["third"].job_id)
+    assert third is not None and third.state is JobState.WAITING
+    # Not taken from its place only to be put back: no writes, no second look at its input, for a slot that is not there.
+    assert third.history == waiting["third"].history and third.attempts == waiting["third"].attempts

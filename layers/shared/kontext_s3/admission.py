@@ -153,6 +153,10 @@ class Admission:
                     held[table_keys.slot_number(str(item[table_keys.KEY]))] = str(item["holder_job"])
         return held
 
+    def slot_free(self) -> bool:
+        """Whether a slot looks free now (one consistent read; always, when slots are unlimited)."""
+        return self.max_jobs_at_fal <= 0 or len(self.holders()) < self.max_jobs_at_fal
+
     def used_today(self) -> int:
         item = self._table.get_item(Key=table_keys.budget(self.today()), ConsistentRead=True).get("Item")
         return int(item.get("used", 0)) if item else 0
