@@ -56,6 +56,40 @@ def test_two_takers_never_both_take_the_last_slot(aws: Aws) -> None:
     assert len(admission.holders()) == 1
 
 
+class CountedTable:
+    """The jobs table, counting the writes and reads admission makes (what they cost is the point)."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+        self.writes = self.refused = self.reads = 0
+
+    def update_item(self, **kwargs: Any) -> Any:
+        self.writes += 1
+        try:
+            return self._table.update_item(**kwargs)
+        except Exception:
+            self.refused += 1
+            raise
+
+    def batch_get(self, keys: list[Any]) -> list[Any]:
+        self.reads += 1
+        return list(self._table.batch_get(keys))
+
+
+def test_a_taker_that_meets_a_busy_house_reads_the_slots_first_and_makes_no_refused_write(aws: Aws) -> None:
+    Admission(aws.table(), max_jobs_at_fal=4, daily_image_budget=0)._try_slot(0, "a" * 32)
+    counted = CountedTable(aws.table())
+    admission = Admission(counted, max_jobs_at_fal=4, daily_image_budget=0)
+    pointed_at_slot_0 = "0" * 32  # its id points at the taken slot
+    assert isinstance(admission.admit(pointed_at_slot_0, 1), Admitted)
+    assert (counted.writes, counted.refused, counted.reads) == (2, 1, 1)  # it did not expect the taken slot
+    for name in ("b", "c"):
+        Admission(aws.table(), max_jobs_at_fal=4, daily_image_budget=0).admit(name * 32, 1)
+    counted.writes = counted.refused = counted.reads = 0
+    assert isinstance(admission.admit("4" * 32, 1), Wait)  # now it does: the full house costs one read
+    assert (counted.writes, counted.refused, counted.reads) == (0, 0, 1)
+
+
 def test_a_slot_is_given_back_once_and_then_taken_by_the_next(aws: Aws) -> None:
     admission = Admission(aws.table(), max_jobs_at_fal=1, daily_image_budget=0)
     first = admission.admit("a" * 32, 1)

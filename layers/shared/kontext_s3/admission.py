@@ -62,6 +62,10 @@ class Wait:
         return "waiting for a slot" + (f" ({ahead} ahead)" if ahead is not None else "")
 
 
+#: How long a taken slot met is a hint that the next taker will meet one too (a burst, a line).
+BUSY_HINT_SECONDS = 5.0
+
+
 def _conditional_failure(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
@@ -72,6 +76,8 @@ class Admission:
         self.max_jobs_at_fal = max_jobs_at_fal
         self.daily_image_budget = daily_image_budget
         self._clock = clock
+        #: When this environment last met a taken slot: a hint of which call to make first, never a decision.
+        self._busy_at: float | None = None
 
     @property
     def limited(self) -> bool:
@@ -196,19 +202,29 @@ class Admission:
     def _take_slot(self, job_id: str) -> int | None:
         # Start where the job's id points, so concurrent takers spread over the slots instead of colliding. That slot
         # is tried at once (one write, the common case when slots are free); only when it is taken does one read say
-        # which others look free, so a full house costs two calls instead of a failed write per slot.
+        # which others look free, so a full house costs two calls instead of a failed write per slot. While slots are
+        # likely taken (this environment just met a taken one, or dispatches the line), the read comes first: a full
+        # house costs one call, and a free slot one read and one write, never a refused write.
         try:
             first = int(job_id[:8], 16) % self.max_jobs_at_fal
         except ValueError:
             first = 0
-        if self._try_slot(first, job_id):
+        order = [(first + offset) % self.max_jobs_at_fal for offset in range(self.max_jobs_at_fal)]
+        if self._busy_at is not None and self._clock() - self._busy_at < BUSY_HINT_SECONDS:
+            held = self.holders()
+        elif self._try_slot(first, job_id):
             return first
-        held = self.holders()
-        for offset in range(1, self.max_jobs_at_fal):
-            slot = (first + offset) % self.max_jobs_at_fal
+        else:
+            self.expect_busy()
+            held, order = self.holders(), order[1:]
+        for slot in order:
             if slot not in held and self._try_slot(slot, job_id):
                 return slot
         return None
+
+    def expect_busy(self) -> None:
+        """Slots are likely taken (one just was, or the line is being dispatched): read them before taking one."""
+        self._busy_at = self._clock()
 
     def _try_slot(self, slot: int, job_id: str) -> bool:
         try:
