@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 from kontext_s3.job_id import derive_job_id
 from kontext_s3.jobs import JobState, JobStore
-from kontext_s3.recipes import recipe_keys
+from kontext_s3.recipes import RecipeBook, recipe_keys
 from kontext_s3.tag_codec import encode_tags, tagging_header
 from kontext_s3_tools.emulator import FalEmulator
 from tests.helpers import Aws, jpeg_bytes
@@ -172,3 +175,25 @@ def test_a_recipe_deleted_after_an_upload_still_applies_to_that_upload(aws: Aws,
     jobs, job_id = job(aws, "inputs/shop/b.jpg", later)
     failed = jobs.get(job_id)
     assert failed is not None and failed.error_code == "invalid_tags"
+
+
+def test_a_batch_of_uploads_into_one_folder_looks_its_recipes_up_once(aws: Aws) -> None:
+    put_recipe(aws, "inputs/shop/_kontext.json", {"prompt": "on white"})
+    time.sleep(1.2)  # the uploads arrived after the recipe, and before the batch is read (past the clock margin)
+    arrived = datetime.now(UTC) - timedelta(seconds=1)
+    heads: list[str] = []
+
+    class CountedS3:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(aws.s3, name)
+
+        def head_object(self, **kwargs: Any) -> Any:
+            heads.append(kwargs["Key"])
+            time.sleep(0.05)  # as long as a HEAD takes: the other records arrive while it is on the wire
+            return aws.s3.head_object(**kwargs)
+
+    book = RecipeBook(CountedS3(), aws.resources.bucket, "inputs/")  # type: ignore[arg-type]
+    with ThreadPoolExecutor(max_workers=10) as pool:  # the submit function's records run on ten threads
+        found = list(pool.map(lambda i: book.for_upload(f"inputs/shop/{i}.jpg", arrived), range(10)))
+    assert all(recipe is not None and recipe.fields["prompt"] == "on white" for recipe in found)
+    assert heads == ["inputs/shop/_kontext.json"]  # one HEAD for the ten, not ten

@@ -20,6 +20,8 @@ widgets) cannot tag each object, so the edit can live beside them instead::
 from __future__ import annotations
 
 import json
+import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -136,6 +138,8 @@ def _nesting(text: str) -> int:
 HEAD_REUSE_SECONDS = 60
 HEAD_REUSE_KEYS = 512
 CLOCK_MARGIN_SECONDS = 0.5
+#: A batch's records run on threads: one HEAD of a key at a time, so the records waiting for it are answered by it.
+HEAD_LOCK_STRIPES = 16
 #: Recipe versions read, kept by (key, version): a version never changes.
 READ_REUSE_VERSIONS = 64
 
@@ -164,6 +168,7 @@ class RecipeBook:
         self._input_prefix = input_prefix
         self._clock = clock
         self._heads: dict[str, _Head] = {}
+        self._head_locks = [threading.Lock() for _ in range(HEAD_LOCK_STRIPES)]
         self._read_versions: dict[tuple[str, str | None], Recipe] = {}
 
     def for_upload(self, key: str, arrived: datetime) -> Recipe | None:
@@ -174,6 +179,11 @@ class RecipeBook:
         return None
 
     def _head(self, key: str, arrived: datetime) -> _Head:
+        # Ten records of a batch into one folder would otherwise all miss the cache at once and HEAD the key ten times.
+        with self._head_locks[zlib.crc32(key.encode("utf-8")) % HEAD_LOCK_STRIPES]:
+            return self._head_once(key, arrived)
+
+    def _head_once(self, key: str, arrived: datetime) -> _Head:
         seen = self._heads.get(key)
         now = self._clock()
         # The arrival as S3 stamped it, to the millisecond (not cut to the second as LastModified comparisons are):
