@@ -128,6 +128,8 @@ class InputImages:
                 Bucket=change.bucket,
                 Key=key,
                 CopySource={"Bucket": change.bucket, "Key": change.key},
+                # The copy is fal's, not the user's: without their tags (copying tags needs s3:PutObjectTagging too).
+                TaggingDirective="REPLACE",
                 **({"CopySourceIfMatch": f'"{change.etag}"'} if change.etag else {}),  # type: ignore[arg-type]
             )
         except ClientError as exc:
