@@ -14,7 +14,7 @@ from typing import Any
 
 from kontext_s3.job_id import derive_job_id, edit_mark
 from kontext_s3.jobs import Job, JobState, JobStore, hold_ms, new_holder, now_ms
-from kontext_s3.latest_uploads import LatestUploads
+from kontext_s3.latest_uploads import LatestUploads, sequencer_order
 from kontext_s3.log import logger
 from kontext_s3.outcomes import ChangeResult, Outcome
 from kontext_s3.output_store import OutputLayout
@@ -69,19 +69,23 @@ class Holds:
                 job = self._create(change, job_id, holder, held_for, mark, upload_id=upload_id)
         logger.thread_safe_append_keys(job_id=job_id)
         if job is None:
-            return self._take_over(job_id, change.key, holder, held_for)
+            return self._take_over(job_id, change, holder, held_for)
         return Held(job, holder)
 
-    def _take_over(self, job_id: str, key: str, holder: str, held_for: int) -> Held | ChangeResult:
+    def _take_over(self, job_id: str, change: ObjectChange, holder: str, held_for: int) -> Held | ChangeResult:
         """The job exists: take it up again if nothing was sent for it, else report the duplicate."""
+        key = change.key
         existing = self._jobs.get(job_id)
         if existing is None:  # expired by TTL between the two calls: an old event, treated as a duplicate
             return ChangeResult(Outcome.DUPLICATE, key, job_id, "job expired")
-        resumable = (existing.state is JobState.SUBMITTING and (existing.holder is None or existing.hold_lapsed())) or (
-            existing.state is JobState.FAILED and existing.failure_retryable
+        rewritten = _written_again(existing, change)
+        resumable = (
+            (existing.state is JobState.SUBMITTING and (existing.holder is None or existing.hold_lapsed()))
+            or (existing.state is JobState.FAILED and existing.failure_retryable)
+            or rewritten
         )
         if resumable:
-            taken = self._jobs.take_over(job_id, holder=holder, hold_ms=held_for)
+            taken = self._jobs.take_over(job_id, holder=holder, hold_ms=held_for, sequencer=change.sequencer if rewritten else None)
             if taken is not None:
                 logger.info("resuming job", extra={"attempt": taken.attempts})
                 return Held(taken, holder)
@@ -118,3 +122,17 @@ class Holds:
             upload_id=upload_id,
             edit_mark=mark,
         )
+
+
+def _written_again(existing: Job, change: ObjectChange) -> bool:
+    """On an unversioned bucket, the same bytes written again after their job ended before reaching fal (cancelled by a
+    delete, overwritten before it was read): a new write of the upload, which takes its job up again. Its event comes
+    later than the job's (its sequencer is greater); a repeat of the job's own event does not."""
+    return (
+        change.created
+        and not change.version_id
+        and existing.state is JobState.FAILED
+        and not existing.request_id
+        and not existing.sent_at_ms
+        and sequencer_order(change.sequencer) > sequencer_order(existing.sequencer)
+    )

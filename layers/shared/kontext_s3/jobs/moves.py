@@ -102,8 +102,10 @@ class JobMoves(TableAccess):
 
     # -- the submit side --------------------------------------------------------------------------
 
-    def take_over(self, job_id: str, *, holder: str, hold_ms: int) -> Job | None:
-        return self.move(T.TAKE_OVER, job_id, holder=holder, hold_ms=hold_ms, note="taken up again")
+    def take_over(self, job_id: str, *, holder: str, hold_ms: int, sequencer: str | None = None) -> Job | None:
+        """``sequencer``: the write of the same bytes that takes it up (an unversioned bucket's), from now on its own."""
+        sets = {"sequencer": sequencer} if sequencer else None
+        return self.move(T.TAKE_OVER, job_id, holder=holder, hold_ms=hold_ms, sets=sets, note="taken up again")
 
     def release(self, job_id: str, holder: str, *, reason: str) -> Job | None:
         return self.move(T.RELEASE, job_id, holder=holder, sets={"error_message": reason[:_REASON_CHARS]}, note=f"will retry: {reason}")

@@ -50,6 +50,8 @@ class Requires(Enum):
     RETRYABLE = "failure_retryable = :true"
     FROM_LINE = "from_line = :true"
     NO_REQUEST = "attribute_not_exists(request_id)"
+    #: Never sent, or fal said it never held it: nothing of it can be at fal, nothing was paid.
+    NEVER_SENT = "attribute_not_exists(request_id) AND attribute_not_exists(sent_at_ms)"
 
 
 class Index(Enum):
@@ -110,10 +112,11 @@ _FOR_A_SLOT = (("wait_reason", "slot"), ("wait_until_ms", 0))
 class Transitions:
     """The table. Each entry's name says what happened; ``move`` takes the entry itself."""
 
-    #: Nothing was sent for it (released, failed retryably, or its holder died before sending): take it up again.
+    #: Nothing was sent for it (released, failed retryably, or its holder died before sending; or, on an unversioned
+    #: bucket, ended before it reached fal and its bytes written again, see ``holding``): take it up again.
     TAKE_OVER: Transition = Transition(
         "take over",
-        (Case(S.SUBMITTING, Hold.FREE), Case(S.FAILED, Hold.ANY, Requires.RETRYABLE)),
+        (Case(S.SUBMITTING, Hold.FREE), Case(S.FAILED, Hold.ANY, Requires.RETRYABLE), Case(S.FAILED, Hold.ANY, Requires.NEVER_SENT)),
         S.SUBMITTING,
         takes_hold=True,
         clears=_FAILURE,
