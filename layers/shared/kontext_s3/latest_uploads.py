@@ -38,15 +38,22 @@ class LatestUploads:
         self._ttl_seconds = ttl_days * 86400
 
     def record(self, change: ObjectChange, upload_id: str, at_ms: int) -> None:
-        """This upload is its key's latest, unless a later write of the key was recorded first."""
+        """This upload is its key's latest, unless a later write of the key was recorded first.
+
+        An event without a sequencer (S3's tag events have none) is about the object as it stands: its upload is the
+        latest, whatever came before."""
+        item = {
+            **table_keys.latest_upload(key_id(change.bucket, change.key)),
+            "upload_id": upload_id,
+            "sequencer": sequencer_order(change.sequencer),
+            "expires_at": at_ms // 1000 + self._ttl_seconds,
+        }
+        if not change.sequencer:
+            self._table.put_item(Item=item)
+            return
         try:
             self._table.put_item(
-                Item={
-                    **table_keys.latest_upload(key_id(change.bucket, change.key)),
-                    "upload_id": upload_id,
-                    "sequencer": sequencer_order(change.sequencer),
-                    "expires_at": at_ms // 1000 + self._ttl_seconds,
-                },
+                Item=item,
                 ConditionExpression="attribute_not_exists(upload_id) OR #s < :s",
                 ExpressionAttributeNames={"#s": "sequencer"},
                 ExpressionAttributeValues={":s": sequencer_order(change.sequencer)},
@@ -54,6 +61,10 @@ class LatestUploads:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
                 raise
+
+    def latest(self, bucket: str, key: str) -> str | None:
+        item = self._table.get_item(Key=table_keys.latest_upload(key_id(bucket, key)), ConsistentRead=True).get("Item") or {}
+        return str(item["upload_id"]) if item.get("upload_id") else None
 
     def removed_by(self, change: ObjectChange) -> str | None:
         """The upload a delete of the key removed: its latest, when that was written before the delete."""

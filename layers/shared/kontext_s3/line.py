@@ -19,7 +19,9 @@ from kontext_s3.delivery import Attempt, LineAttempt, put_back
 from kontext_s3.edit_reading import Edit
 from kontext_s3.holding import Held, submit_hold_ms
 from kontext_s3.input_image import InputImages
-from kontext_s3.jobs import JobState, JobStore, new_holder, now_ms
+from kontext_s3.job_id import derive_job_id
+from kontext_s3.jobs import Job, JobState, JobStore, new_holder, now_ms
+from kontext_s3.latest_uploads import LatestUploads
 from kontext_s3.log import logger
 from kontext_s3.outcomes import ChangeResult, Outcome
 from kontext_s3.sending import Sender
@@ -37,6 +39,7 @@ class Line:
         self._images = images
         self._finisher = finisher
         self._sender = sender
+        self._latest = LatestUploads(jobs.table)
         self._lock = threading.Lock()
         self._dispatching = False
         self._again = False
@@ -111,9 +114,19 @@ class Line:
                 break  # no slot (or no budget) left: the next freed slot signals again
         return results
 
+    def _input_present(self, job: Job) -> bool:
+        """Whether the upload is still there to be sent. On an unversioned bucket fal is given the pinned copy, and a
+        missing key cancels only the key's latest upload (``latest_uploads``): an earlier one was overwritten, not
+        deleted, and goes on."""
+        if self._images.still_there(job.bucket, job.key, job.version_id):
+            return True
+        if job.version_id or not job.etag:
+            return False
+        return self._latest.latest(job.bucket, job.key) != derive_job_id(job.bucket, job.key, None, job.etag)
+
     def _turn_from_line(self, held: Held, deadline: float) -> ChangeResult:
         job = held.job
-        if not self._images.still_there(job.bucket, job.key, job.version_id):
+        if not self._input_present(job):
             # Deleted while it waited, and its removal not heard yet (or Cancellation found it taken): ended here.
             cancel_unsent(self._finisher, held)
             return ChangeResult(Outcome.CANCELLED, job.key, job.job_id, "input deleted while waiting")
