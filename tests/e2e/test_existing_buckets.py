@@ -211,31 +211,40 @@ def test_4_a_duplicate_event_and_a_same_bytes_rewrite_pay_nothing_and_new_bytes_
     assert attached.posts() == paid + 1
 
 
-def test_5_deleting_an_upload_that_waits_in_line_cancels_it(attached: Attached) -> None:
+def test_5_a_delete_cancels_the_keys_latest_upload_in_line_and_the_same_bytes_again_start_it_again(attached: Attached) -> None:
     photos = attached.existing.photos
     emulator = attached.stack.emulator
-    emulator.set_faults(processing_ms=8_000)
+    emulator.set_faults(processing_ms=12_000)
+    blocker, key = "inputs/line/blocker.jpg", "inputs/line/waits.jpg"
+    first_bytes, second_bytes = jpeg_bytes(64, 48, (3, 2, 1)), jpeg_bytes(64, 48, (9, 9, 9))
     try:
-        upload(attached, photos, "inputs/line/blocker.jpg", jpeg_bytes(64, 48, (1, 2, 3)), {"prompt": "Make it night"})
-        until(
-            lambda: (j := attached.job(photos, "inputs/line/blocker.jpg")) and j.state is JobState.SUBMITTED,
-            timeout=30,
-            what="fal's one slot",
-        )
+        upload(attached, photos, blocker, jpeg_bytes(64, 48, (1, 2, 3)), {"prompt": "Make it night"})
+        until(lambda: (j := attached.job(photos, blocker)) and j.state is JobState.SUBMITTED, timeout=30, what="fal's one slot")
         paid = attached.posts()
-        upload(attached, photos, "inputs/line/waits.jpg", jpeg_bytes(64, 48, (3, 2, 1)), {"prompt": "Make it night"})
-        waiting = until(
-            lambda: (j := attached.job(photos, "inputs/line/waits.jpg")) and j.state is JobState.WAITING and j, timeout=30, what="the line"
+        upload(attached, photos, key, first_bytes, {"prompt": "Make it night"})
+        overwritten = until(lambda: (j := attached.job(photos, key)) and j.state is JobState.WAITING and j, timeout=30, what="the line")
+        upload(attached, photos, key, second_bytes, {"prompt": "Make it night"})  # other bytes: a new upload, in line too
+        latest = until(
+            lambda: (j := attached.job(photos, key)) and j.job_id != overwritten.job_id and j.state is JobState.WAITING and j,
+            timeout=30,
+            what="the overwrite in line",
         )
-        attached.s3().delete_object(Bucket=photos, Key="inputs/line/waits.jpg")
-        cancelled = until(
-            lambda: (j := attached.stack.jobs().get(waiting.job_id)) and j.state.ended and j, timeout=30, what="the cancellation"
-        )
+        attached.s3().delete_object(Bucket=photos, Key=key)
+        cancelled = until(lambda: (j := attached.stack.jobs().get(latest.job_id)) and j.state.ended and j, timeout=30, what="the cancel")
         assert (cancelled.state, cancelled.error_code) == (JobState.FAILED, "cancelled")
+        # Cancelled by the delete itself (latest_uploads), while fal still runs the blocker: not found later by the line.
+        assert attached.stack.jobs().get(attached.job(photos, blocker).job_id).state is JobState.SUBMITTED  # type: ignore[union-attr]
         assert attached.posts() == paid
     finally:
         emulator.set_faults(processing_ms=0)
-    until(lambda: attached.ended(photos, "inputs/line/blocker.jpg"), timeout=60, what="the blocker to end")
+    # The overwritten upload was not deleted: it goes on, with the bytes it was uploaded with (its pinned copy).
+    done = until(lambda: (j := attached.stack.jobs().get(overwritten.job_id)) and j.state.ended and j, timeout=90, what="the overwritten")
+    assert done.state is JobState.COMPLETED, done.error_message
+    # The user uploads the cancelled bytes again: the same upload, never sent, so it runs now (once).
+    upload(attached, photos, key, second_bytes, {"prompt": "Make it night"})
+    again = until(lambda: (j := attached.stack.jobs().get(latest.job_id)) and j.state is JobState.COMPLETED and j, timeout=60, what="again")
+    assert again.job_id == latest.job_id
+    assert attached.stack.accepted_requests_per_job()[latest.job_id] == 1
 
 
 def test_6_backfill_starts_what_was_in_the_bucket_before_the_stack(attached: Attached, run_cli: Callable[..., tuple[int, str]]) -> None:

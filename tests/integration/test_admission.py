@@ -79,7 +79,7 @@ class CountedTable:
 def test_a_taker_that_meets_a_busy_house_reads_the_slots_first_and_makes_no_refused_write(aws: Aws) -> None:
     Admission(aws.table(), max_jobs_at_fal=4, daily_image_budget=0)._try_slot(0, "a" * 32)
     counted = CountedTable(aws.table())
-    admission = Admission(counted, max_jobs_at_fal=4, daily_image_budget=0)
+    admission = Admission(counted, max_jobs_at_fal=4, daily_image_budget=0, clock=lambda: 1_000.0)  # the hint does not age
     pointed_at_slot_0 = "0" * 32  # its id points at the taken slot
     assert isinstance(admission.admit(pointed_at_slot_0, 1), Admitted)
     assert (counted.writes, counted.refused, counted.reads) == (2, 1, 1)  # it did not expect the taken slot
