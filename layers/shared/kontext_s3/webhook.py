@@ -93,12 +93,7 @@ class WebhookReceiver:
         # The common case in one write: the job is at fal with this very request, and nobody holds it. Anything else
         # (no such job, another request, an UNCERTAIN job, one that ended or is held) is read, and answered, below.
         early = self._finisher.claim(job_id, deadline=deadline, request_id=sender.request_id)
-        try:
-            answer = self._checked(job_id, sender, raw_body, early, deadline)
-        except BaseException:
-            if early is not None:
-                self._finisher.let_go(early)  # fal's retry finds the job free, not held until the hold lapses
-            raise
+        answer = self._checked(job_id, sender, raw_body, early, deadline)
         if early is not None and (not isinstance(answer, tuple) or answer[1] is not early):
             self._finisher.let_go(early)  # refused after all (another fal account, a bad body): nothing was done
         if not isinstance(answer, tuple):
