@@ -11,10 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ import pytest
 from kontext_s3.tag_codec import decode_tags
 from kontext_s3_tools import cli
 from kontext_s3_tools.local_stack import aws_environment
-from tests.helpers import Aws, jpeg_bytes
+from tests.helpers import Aws, jpeg_bytes, s3_error_endpoint
 
 
 @pytest.fixture
@@ -121,34 +119,10 @@ def test_a_wrong_bucket_is_one_line(env: dict[str, str], image: Path, capsys: py
     assert "there is no bucket 'no-such-bucket-here'" in one_line_error(code, err)
 
 
-class _ExpiredS3(BaseHTTPRequestHandler):
-    """Answers every request as S3 does when the session token has expired."""
-
-    def _answer(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = (
-            b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ExpiredToken</Code>'
-            b"<Message>The provided token has expired.</Message><RequestId>1</RequestId></Error>"
-        )
-        self.send_response(400)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_PUT = do_GET = do_POST = do_HEAD = _answer
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def expired_endpoint() -> Iterator[str]:
-    server = HTTPServer(("127.0.0.1", 0), _ExpiredS3)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+    with s3_error_endpoint(400, "ExpiredToken", "The provided token has expired.") as url:
+        yield url
 
 
 def test_expired_credentials_are_one_line(

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from kontext_s3.jobs import JobStore
 from kontext_s3.s3_events import parse_notification, stack_marks
 from kontext_s3_tools import cli
 from kontext_s3_tools.local_stack import aws_environment
-from tests.helpers import Aws, jpeg_bytes
+from tests.helpers import Aws, jpeg_bytes, s3_error_endpoint
 from tests.integration.test_cli import expired_endpoint, one_line_error, run
 
 __all__ = ["expired_endpoint"]
@@ -216,30 +214,10 @@ def test_the_other_buckets_are_attached_beside_one_that_is_refused(reach: Aws, c
     assert notifications(reach, good) == {"EventBridgeConfiguration": {}}
 
 
-class _DeniedS3(BaseHTTPRequestHandler):
-    """Answers every request as S3 does to someone without the permission."""
-
-    def _answer(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
-        self.send_response(403)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_PUT = do_GET = do_POST = do_HEAD = _answer
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def denied_endpoint() -> Iterator[str]:
-    server = HTTPServer(("127.0.0.1", 0), _DeniedS3)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+    with s3_error_endpoint(403, "AccessDenied", "Access Denied") as url:
+        yield url
 
 
 def test_access_refused_is_one_line_naming_the_permission(reach: Aws, denied_endpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
