@@ -52,6 +52,13 @@ S3's events through EventBridge (a bucket whose notification configuration has
   (the account) and ``source-ip-address`` on each; a new event id per event.
   The key is sent as stored, not URL-encoded as S3's own notification records
   encode it: AWS does not document EventBridge's encoding.
+
+DynamoDB's writes are atomic per item, and its conditional writes are the
+pipeline's locks (a job's hold, a slot, a day's budget). moto checks a
+condition and then applies the update as two steps of Python, so two
+concurrent writers can both pass one condition (seen under load: two webhooks
+holding one job). Here the table operations run one at a time, as each item's
+do on DynamoDB (``tests/integration/test_local_dynamodb.py``).
 """
 
 from __future__ import annotations
@@ -62,10 +69,13 @@ import random
 import string
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import wraps
 from typing import Any
 
 from moto.core.utils import unix_time
+from moto.dynamodb.models import DynamoDBBackend
 from moto.s3 import models, notifications, responses
 from moto.server import main
 
@@ -284,6 +294,25 @@ models.S3Backend.complete_multipart_upload = _complete_multipart_once  # type: i
 models.S3Backend.delete_object = _delete_object_as_s3_notifies  # type: ignore[method-assign]
 responses.S3Response.put_object_tagging = _api_tagging_marked  # type: ignore[method-assign]
 responses.S3Response.get_bucket_notification = _get_bucket_notification_with_event_bridge  # type: ignore[method-assign]
+
+
+#: One table operation at a time: see the module's docstring (DynamoDB's per-item atomicity).
+_dynamodb_lock = threading.RLock()
+#: The backend's calls that read or write items (BatchGetItem, BatchWriteItem and TransactGetItems call these).
+_ITEM_OPERATIONS = ("put_item", "get_item", "update_item", "delete_item", "query", "scan", "transact_write_items")
+
+
+def _one_at_a_time(operation: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(operation)
+    def atomic(*args: Any, **kwargs: Any) -> Any:
+        with _dynamodb_lock:
+            return operation(*args, **kwargs)
+
+    return atomic
+
+
+for _name in _ITEM_OPERATIONS:
+    setattr(DynamoDBBackend, _name, _one_at_a_time(getattr(DynamoDBBackend, _name)))
 
 if __name__ == "__main__":
     main()
