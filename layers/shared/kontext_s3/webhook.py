@@ -35,11 +35,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from kontext_s3.completion import DeliveryFault, JobFinisher
 from kontext_s3.fal_account import FalAccount
-from kontext_s3.jobs import Job, JobState, JobStore
+from kontext_s3.jobs import Claim, Job, JobState, JobStore
 from kontext_s3.log import logger
 from kontext_s3.notifications import NotificationError
 from kontext_s3.redact import redact
-from kontext_s3.webhook_signature import JwksCache, JwksUnavailable, SignatureError, verify_fal_webhook
+from kontext_s3.webhook_signature import JwksCache, JwksUnavailable, SignatureError, VerifiedWebhook, verify_fal_webhook
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -88,41 +88,17 @@ class WebhookReceiver:
             logger.error("cannot check webhook signatures", extra={"reason": str(exc)})
             return WebhookAnswer(503, {"error": "signature keys unavailable, retry later"})
         logger.thread_safe_append_keys(request_id=sender.request_id)
-        job = self._jobs.get(job_id) if _JOB_ID.match(job_id) else None
-        if job is None:
+        if not _JOB_ID.match(job_id):
             return _refuse(404, "no such job")
-        logger.thread_safe_append_keys(object_key=job.key)
-        if job.request_id is None and job.state in (JobState.SUBMITTING, JobState.SENDING):
-            # fal can finish before the submit function has recorded its answer; its retry will find it.
-            return _refuse(409, "the job's submit is still being recorded; retry later")
-        if job.request_id is not None and job.request_id != sender.request_id:
-            return _refuse(404, "this request id does not belong to this job")
-        if not self._account.accepts(sender.user_id, proven=job.request_id is not None):
-            return _refuse(403, "the webhook comes from a fal account that is not this stack's (FAL_USER_ID)")
-        if job.request_id is None and job.state is JobState.UNCERTAIN:
-            job = self._jobs.adopt_request(job_id, sender.request_id) or self._jobs.get(job_id) or job
-            logger.warning("an UNCERTAIN job's webhook arrived: fal did accept it")
-        if job.request_id != sender.request_id:
-            return _refuse(404, "this request id does not belong to this job")
-        try:
-            document = json.loads(raw_body)
-        except ValueError:
-            return _refuse(400, "body is not JSON")
-        if not isinstance(document, dict) or document.get("request_id") != sender.request_id:
-            return _refuse(400, "body is not a webhook for the signed request id")
-        status = document.get("status")
-        succeeded = status == "OK" and document.get("payload") is not None
-        if not succeeded and status != "ERROR" and document.get("payload_error") is None:
-            return _refuse(400, f"unknown webhook status {status!r}")
-
-        if job.state.ended:
-            return self._already_ended(job)
-        claim = self._finisher.claim(job_id, deadline=deadline)
-        if claim is None:
-            current = self._jobs.get(job_id) or job
-            if current.state.ended:
-                return self._already_ended(current)
-            return _refuse(409, "another caller is finishing this job; retry later")
+        # The common case in one write: the job is at fal with this very request, and nobody holds it. Anything else
+        # (no such job, another request, an UNCERTAIN job, one that ended or is held) is read, and answered, below.
+        early = self._finisher.claim(job_id, deadline=deadline, request_id=sender.request_id)
+        answer = self._checked(job_id, sender, raw_body, early, deadline)
+        if early is not None and (not isinstance(answer, tuple) or answer[1] is not early):
+            self._finisher.let_go(early)  # refused after all (another fal account, a bad body): nothing was done
+        if not isinstance(answer, tuple):
+            return answer
+        job, claim, document, succeeded = answer
         try:
             if not succeeded and never_started(document):
                 back = self._finisher.requeue(claim, str(document.get("error") or "fal could not start it in time"))
@@ -166,6 +142,49 @@ class WebhookReceiver:
             return WebhookAnswer(503, {"error": "result stored, event not yet published; retry later"})
         final = ended or self._jobs.get(job_id) or job
         return WebhookAnswer(200, {"job_id": job_id, "state": final.state.value}, ended=ended)
+
+    def _checked(
+        self, job_id: str, sender: VerifiedWebhook, raw_body: bytes, early: Claim | None, deadline: float
+    ) -> WebhookAnswer | tuple[Job, Claim, dict[str, Any], bool]:
+        """The job, held, with the webhook's document and whether it succeeded; or the answer that refuses it."""
+        job = early.job if early is not None else self._jobs.get(job_id)
+        if job is None:
+            return _refuse(404, "no such job")
+        logger.thread_safe_append_keys(object_key=job.key)
+        if job.request_id is None and job.state in (JobState.SUBMITTING, JobState.SENDING):
+            # fal can finish before the submit function has recorded its answer; its retry will find it.
+            return _refuse(409, "the job's submit is still being recorded; retry later")
+        if job.request_id is not None and job.request_id != sender.request_id:
+            return _refuse(404, "this request id does not belong to this job")
+        if not self._account.accepts(sender.user_id, proven=job.request_id is not None):
+            return _refuse(403, "the webhook comes from a fal account that is not this stack's (FAL_USER_ID)")
+        if job.request_id is None and job.state is JobState.UNCERTAIN:
+            job = self._jobs.adopt_request(job_id, sender.request_id) or self._jobs.get(job_id) or job
+            logger.warning("an UNCERTAIN job's webhook arrived: fal did accept it")
+        if job.request_id != sender.request_id:
+            return _refuse(404, "this request id does not belong to this job")
+        try:
+            document = json.loads(raw_body)
+        except ValueError:
+            return _refuse(400, "body is not JSON")
+        if not isinstance(document, dict) or document.get("request_id") != sender.request_id:
+            return _refuse(400, "body is not a webhook for the signed request id")
+        status = document.get("status")
+        succeeded = status == "OK" and document.get("payload") is not None
+        if not succeeded and status != "ERROR" and document.get("payload_error") is None:
+            return _refuse(400, f"unknown webhook status {status!r}")
+
+        if early is not None:
+            return job, early, document, succeeded
+        if job.state.ended:
+            return self._already_ended(job)
+        claim = self._finisher.claim(job_id, deadline=deadline)
+        if claim is None:
+            current = self._jobs.get(job_id) or job
+            if current.state.ended:
+                return self._already_ended(current)
+            return _refuse(409, "another caller is finishing this job; retry later")
+        return job, claim, document, succeeded
 
     def _already_ended(self, job: Job) -> WebhookAnswer:
         try:
