@@ -172,7 +172,7 @@ def test_a_request_fal_runs_past_the_max_age_keeps_its_slot_and_ends_with_its_ou
     recover = world.recover(MAX_JOBS_AT_FAL="1", RECOVERY_AFTER_SECONDS="0", JOB_MAX_AGE_SECONDS="1")
     recover.lambda_handler({"source": "aws.scheduler", "detail": {}}, LambdaContext("recover", 60))
     assert world.job("inputs/long.jpg", version).state is JobState.SUBMITTED  # fal would not cancel it: it runs
-    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).holders() == {0: job.job_id}
+    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).holders() == {job.job_id}
 
     world.emulator.set_faults(processing_ms=0)
     world.upload("inputs/next.jpg")

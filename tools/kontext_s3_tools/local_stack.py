@@ -1068,13 +1068,9 @@ class LocalStack:
     def free_all_slots(self) -> int:
         """Free every admission slot: for tests that reset the emulator, after which fal holds nothing."""
         table = Table(self.client("dynamodb"), self.resources.table)
-        freed = 0
-        for slot in range(int(self.resources.stack.parameters.get("MaxJobsAtFal", "0"))):
-            item = table.get_item(Key=table_keys.slot(slot)).get("Item")
-            if item and "holder_job" in item:
-                table.client.delete_item(TableName=table.name, Key={table_keys.KEY: {"S": item[table_keys.KEY]}})
-                freed += 1
-        return freed
+        item = table.get_item(Key=table_keys.slots()).get("Item") or {}
+        table.client.delete_item(TableName=table.name, Key={table_keys.KEY: {"S": table_keys.SLOTS_ID}})
+        return len(item.get("holders", ()))
 
     def function_log(self, logical_id: str) -> list[str]:
         return list(self.functions[logical_id].lines)

@@ -6,11 +6,13 @@ finally starts. So the stack keeps its own queue (WAITING jobs in the jobs
 table) and submits only when it holds one of ``MAX_JOBS_AT_FAL`` slots, and
 only while the day's ``DAILY_IMAGE_BUDGET`` allows the images asked.
 
-* A **slot** is an item ``_slot#<i>`` of the jobs table naming the job that
-  holds it. Taking one is a conditional write on a free slot, so two callers
-  can never both take the last one; releasing is a conditional write on "held
-  by this job", so a slot is freed at most once, whichever path ends the job.
-  The slot's number is kept on the job.
+* The **slots** are one item, ``_slots``, whose set ``holders`` names the jobs
+  holding one. Taking one adds the job to the set on condition it has fewer
+  than ``MAX_JOBS_AT_FAL`` members (or has the job already), so two callers can
+  never both take the last one and a full house costs one refused write and no
+  read; releasing removes the job on condition it is there, so a slot is freed
+  at most once, whichever path ends the job. The slots are interchangeable: a
+  job that holds one records slot 0.
 * The **budget** is an item ``_budget#<YYYY-MM-DD>`` counting the images
   admitted that UTC day, charged by a conditional add that refuses to pass the
   budget, and refunded when fal never ran the request.
@@ -62,8 +64,8 @@ class Wait:
         return "waiting for a slot" + (f" ({ahead} ahead)" if ahead is not None else "")
 
 
-#: How long a taken slot met is a hint that the next taker will meet one too (a burst, a line).
-BUSY_HINT_SECONDS = 5.0
+#: The slot a job holds, as its item records it: the slots are interchangeable, so every holder's is 0.
+HELD = 0
 
 
 def _conditional_failure(exc: ClientError) -> bool:
@@ -76,8 +78,6 @@ class Admission:
         self.max_jobs_at_fal = max_jobs_at_fal
         self.daily_image_budget = daily_image_budget
         self._clock = clock
-        #: When this environment last met a taken slot: a hint of which call to make first, never a decision.
-        self._busy_at: float | None = None
 
     @property
     def limited(self) -> bool:
@@ -104,8 +104,8 @@ class Admission:
     def admit(self, job_id: str, images: int) -> Admitted | Wait:
         """A slot and the day's images for ``job_id``, or why it must wait (nothing is held then).
 
-        The slot first: a full house is seen in one read and costs no write, where charging the day's images first
-        would charge and refund them for every upload that meets it.
+        The slot first: a full house costs one refused write, where charging the day's images first would charge
+        and refund them for every upload that meets it.
         """
         slot = None
         if self.max_jobs_at_fal > 0:
@@ -121,15 +121,15 @@ class Admission:
         return Admitted(slot, day, images)
 
     def release(self, job_id: str, slot: int | None) -> bool:
-        """Free ``slot`` if ``job_id`` holds it; True when this call freed it (so at most one caller does)."""
+        """Free the slot ``job_id`` holds, if it does; True when this call freed it (so at most one caller does)."""
         if slot is None:
             return False
         try:
             self._table.update_item(
-                Key=table_keys.slot(slot),
-                UpdateExpression="REMOVE holder_job, taken_at_ms",
-                ConditionExpression="holder_job = :job",
-                ExpressionAttributeValues={":job": job_id},
+                Key=table_keys.slots(),
+                UpdateExpression="DELETE holders :job_set",
+                ConditionExpression="contains(holders, :job)",
+                ExpressionAttributeValues={":job_set": {job_id}, ":job": job_id},
             )
         except ClientError as exc:
             if _conditional_failure(exc):
@@ -149,15 +149,10 @@ class Admission:
 
     # -- what recovery reads ------------------------------------------------------------------
 
-    def holders(self) -> dict[int, str]:
-        """Which job holds each slot now."""
-        held: dict[int, str] = {}
-        keys = [table_keys.slot(slot) for slot in range(self.max_jobs_at_fal)]
-        for start in range(0, len(keys), 100):  # BatchGetItem reads up to 100 keys
-            for item in self._table.batch_get(keys[start : start + 100]):
-                if item.get("holder_job"):
-                    held[table_keys.slot_number(str(item[table_keys.KEY]))] = str(item["holder_job"])
-        return held
+    def holders(self) -> set[str]:
+        """The jobs holding a slot now (one consistent read)."""
+        item = self._table.get_item(Key=table_keys.slots(), ConsistentRead=True).get("Item") or {}
+        return {str(job_id) for job_id in item.get("holders", ())}
 
     def slot_free(self) -> bool:
         """Whether a slot looks free now (one consistent read; always, when slots are unlimited)."""
@@ -167,13 +162,13 @@ class Admission:
         item = self._table.get_item(Key=table_keys.budget(self.today()), ConsistentRead=True).get("Item")
         return int(item.get("used", 0)) if item else 0
 
-    def reclaim(self, still_needs_slot: Callable[[str, int], bool]) -> list[int]:
-        """Free the slots whose job no longer needs one (a crash leaked them); returns the slots freed."""
+    def reclaim(self, still_needs_slot: Callable[[str], bool]) -> list[str]:
+        """Free the slots whose job no longer needs one (a crash leaked them); returns the jobs whose slot was freed."""
         freed = []
-        for slot, job_id in self.holders().items():
-            if not still_needs_slot(job_id, slot) and self.release(job_id, slot):
-                logger.warning("a leaked slot was freed", extra={"slot": slot, "job_id": job_id})
-                freed.append(slot)
+        for job_id in sorted(self.holders()):
+            if not still_needs_slot(job_id) and self.release(job_id, HELD):
+                logger.warning("a leaked slot was freed", extra={"job_id": job_id})
+                freed.append(job_id)
         return freed
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -200,45 +195,19 @@ class Admission:
         return True
 
     def _take_slot(self, job_id: str) -> int | None:
-        # Start where the job's id points, so concurrent takers spread over the slots instead of colliding. That slot
-        # is tried at once (one write, the common case when slots are free); only when it is taken does one read say
-        # which others look free, so a full house costs two calls instead of a failed write per slot. While slots are
-        # likely taken (this environment just met a taken one, or dispatches the line), the read comes first: a full
-        # house costs one call, and a free slot one read and one write, never a refused write.
-        try:
-            first = int(job_id[:8], 16) % self.max_jobs_at_fal
-        except ValueError:
-            first = 0
-        order = [(first + offset) % self.max_jobs_at_fal for offset in range(self.max_jobs_at_fal)]
-        if self._busy_at is not None and self._clock() - self._busy_at < BUSY_HINT_SECONDS:
-            held = self.holders()
-        elif self._try_slot(first, job_id):
-            return first
-        else:
-            self.expect_busy()
-            held, order = self.holders(), order[1:]
-        for slot in order:
-            if slot not in held and self._try_slot(slot, job_id):
-                return slot
-        return None
-
-    def expect_busy(self) -> None:
-        """Slots are likely taken (one just was, or the line is being dispatched): read them before taking one."""
-        self._busy_at = self._clock()
-
-    def _try_slot(self, slot: int, job_id: str) -> bool:
         try:
             self._table.update_item(
-                Key=table_keys.slot(slot),
-                UpdateExpression="SET holder_job = :job, taken_at_ms = :at",
-                ConditionExpression="attribute_not_exists(holder_job)",
-                ExpressionAttributeValues={":job": job_id, ":at": int(self._clock() * 1000)},
+                Key=table_keys.slots(),
+                UpdateExpression="ADD holders :job_set",
+                # Taken again by a job that holds one already (a retried delivery): granted, and nothing changes.
+                ConditionExpression="attribute_not_exists(holders) OR size(holders) < :max OR contains(holders, :job)",
+                ExpressionAttributeValues={":job_set": {job_id}, ":max": self.max_jobs_at_fal, ":job": job_id},
             )
         except ClientError as exc:
             if _conditional_failure(exc):
-                return False
+                return None
             raise
-        return True
+        return HELD
 
 
 DISPATCH = {"kontext_s3": "dispatch"}

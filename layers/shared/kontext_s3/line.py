@@ -94,8 +94,6 @@ class Line:
         for job_id in self._jobs.open_job_ids(JobState.WAITING.value, checked_before_ms=now_ms() + 1, limit=DISPATCH_PASS):
             if deadline - time.monotonic() < DISPATCH_RESERVE_SECONDS:
                 break
-            if self._admission:
-                self._admission.expect_busy()  # a line means a house that was full: a slot may have come free, not many
             if results and self._admission and not self._admission.slot_free():
                 # The signal's slot went to the last one: one read ends the pass, where taking the next job would cost
                 # its hold, its input check, a refused slot and its place back. The next freed slot signals again.

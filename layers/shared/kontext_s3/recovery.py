@@ -125,10 +125,10 @@ class Recovery:
             self._slot_freed()
         return report
 
-    def _still_needs_slot(self, job_id: str, slot: int) -> bool:
-        """Whether the job holding ``slot`` is (or may be) at fal, or about to be: else its slot leaked."""
+    def _still_needs_slot(self, job_id: str) -> bool:
+        """Whether the job holding a slot is (or may be) at fal, or about to be: else its slot leaked."""
         job = self._jobs.get(job_id)
-        if job is None or (job.slot != slot and job.state is not JobState.SUBMITTING):
+        if job is None or (job.slot is None and job.state is not JobState.SUBMITTING):
             return False
         if job.state in (JobState.SENDING, JobState.SUBMITTED, JobState.UNCERTAIN):
             return True

@@ -5,7 +5,7 @@ every other item starts with ``_`` (no job id does), so a scan can tell them apa
 
 - ``_upload#<upload id>``: the jobs of one upload, one per edit (``jobs``);
 - ``_failure#<upload id>``: the latest failed delivery of an upload's event (``delivery_failures``);
-- ``_slot#<n>``: slot n of ``MaxJobsAtFal`` and the job holding it (``admission``);
+- ``_slots``: the jobs holding one of ``MaxJobsAtFal`` slots (``admission``);
 - ``_budget#<UTC day>``: images charged to that day's ``DailyImageBudget`` (``admission``);
 - ``_fal-account``: the fal account whose webhooks are ours (``fal_account``);
 - ``_latest#<key id>``: the latest upload of a key of an unversioned bucket, which a delete cancels (``latest_uploads``).
@@ -19,7 +19,7 @@ from typing import Any
 KEY = "job_id"
 UPLOAD_PREFIX = "_upload#"
 FAILURE_PREFIX = "_failure#"
-SLOT_PREFIX = "_slot#"
+SLOTS_ID = "_slots"
 BUDGET_PREFIX = "_budget#"
 FAL_ACCOUNT_ID = "_fal-account"
 LATEST_UPLOAD_PREFIX = "_latest#"
@@ -37,12 +37,8 @@ def failure(upload_id: str) -> dict[str, Any]:
     return {KEY: f"{FAILURE_PREFIX}{upload_id}"}
 
 
-def slot(number: int) -> dict[str, Any]:
-    return {KEY: f"{SLOT_PREFIX}{number}"}
-
-
-def slot_number(item_id: str) -> int:
-    return int(item_id.removeprefix(SLOT_PREFIX))
+def slots() -> dict[str, Any]:
+    return {KEY: SLOTS_ID}
 
 
 def budget(day: str) -> dict[str, Any]:
