@@ -4,30 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
+from botocore.awsrequest import AWSRequest
+from botocore.exceptions import ReadTimeoutError
+
+from kontext_s3.dynamo import Table
 from kontext_s3.jobs import Job, JobState, JobStore, now_ms
 from tests.helpers import Aws
 
 
-class AnswerLostOnce:
-    """A table whose first write lands but whose answer is lost, so the SDK sends it again.
+def answer_lost_once(aws: Aws) -> Table:
+    """The jobs table over a client whose every write lands but loses its first answer, so the SDK sends it again.
 
-    This is what botocore's retry does after a timeout or a reset connection: the
-    retry of a conditional write then fails the condition its own first attempt changed.
+    This is what botocore's retry does after a timeout or a reset connection: the write reaches DynamoDB, its answer
+    never arrives, and the retry of a conditional write then fails the condition its own first attempt changed.
     """
+    client = aws.client("dynamodb")
+    answered: set[bytes] = set()
 
-    def __init__(self, table: Any) -> None:
-        self._table = table
+    def send_then_lose_the_answer(request: AWSRequest, **_: Any) -> None:
+        raw = request.body or b""
+        body, url = raw.encode() if isinstance(raw, str) else bytes(raw), str(request.url)
+        if body in answered:
+            return  # the retry: sent as usual
+        answered.add(body)
+        httpx.post(url, headers=dict(request.headers.items()), content=body).raise_for_status()
+        raise ReadTimeoutError(endpoint_url=url)
 
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._table, name)
-        if name not in ("put_item", "update_item"):
-            return attribute
-
-        def twice(**kwargs: Any) -> Any:
-            attribute(**kwargs)  # lands; its answer never arrives
-            return attribute(**kwargs)  # the retry
-
-        return twice
+    for operation in ("PutItem", "UpdateItem"):
+        client.meta.events.register(f"before-send.dynamodb.{operation}", send_then_lose_the_answer)
+    return Table(client, aws.resources.table)
 
 
 HOLDER = "h" * 32
@@ -65,14 +71,14 @@ def test_only_one_create_wins(aws: Aws) -> None:
 
 
 def test_a_retried_create_whose_first_attempt_landed_is_still_ours(aws: Aws) -> None:
-    store = JobStore(AnswerLostOnce(aws.table()))
+    store = JobStore(answer_lost_once(aws))
     job = new_job(store)
     assert job is not None and job.state is JobState.SUBMITTING
     assert new_job(JobStore(aws.table())) is None  # and it is still a duplicate for anyone else
 
 
 def test_a_retried_transition_whose_first_attempt_landed_is_still_ours(aws: Aws) -> None:
-    store = JobStore(AnswerLostOnce(aws.table()))
+    store = JobStore(answer_lost_once(aws))
     job = submitted(store)
     assert job.state is JobState.SUBMITTED
     claim = store.claim(job.job_id, "finisher", hold_ms=10_000)

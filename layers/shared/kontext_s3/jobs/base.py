@@ -1,7 +1,8 @@
 """What every part of the jobs store shares: the table, and telling "my write landed" from "another's did".
 
 Every write stamps a fresh ``last_writer`` token: when the SDK retries a write whose first attempt landed but whose
-answer was lost, the retry fails its own condition, and the token tells the two apart.
+answer was lost, the retry fails its own condition, and the token tells the two apart. A condition that failed on the
+first attempt was another's write: no read is needed to know it (racing dispatchers lose many).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ class TableAccess:
         item = self._table.get_item(Key={"job_id": job_id}, ConsistentRead=True).get("Item")
         return Job.model_validate(plain(item)) if item else None
 
-    def _if_mine(self, job_id: str, writer: str) -> Job | None:
+    def _if_mine(self, job_id: str, writer: str, refusal: ClientError) -> Job | None:
         """After a failed condition: the job, if the write that changed it was ours (a retried write)."""
+        if not refusal.response.get("ResponseMetadata", {}).get("RetryAttempts"):
+            return None  # refused at the first attempt: no earlier attempt of ours can have landed
         current = self.get(job_id)
         return current if current is not None and current.last_writer == writer else None
 

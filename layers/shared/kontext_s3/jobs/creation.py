@@ -77,6 +77,6 @@ class JobCreation(TableAccess):
             self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(job_id)")
         except ClientError as exc:
             if conditional_failure(exc):
-                return self._if_mine(job_id, writer)
+                return self._if_mine(job_id, writer, exc)
             raise
         return Job.model_validate(item)

@@ -49,7 +49,7 @@ class JobFinishing(JobMoves):
         except ClientError as exc:
             if not conditional_failure(exc):
                 raise
-            mine = self._if_mine(job_id, writer)
+            mine = self._if_mine(job_id, writer, exc)
             return Claim(mine, holder, took_over=False) if mine is not None else None
         job = Job.model_validate({**plain(old), "holder": holder, "held_until_ms": at + hold_ms, "last_writer": writer})
         return Claim(job, holder, took_over=old.get("holder") is not None)

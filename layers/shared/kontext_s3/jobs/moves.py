@@ -96,7 +96,7 @@ class JobMoves(TableAccess):
             )
         except ClientError as exc:
             if conditional_failure(exc):
-                return self._if_mine(job_id, writer)
+                return self._if_mine(job_id, writer, exc)
             raise
         return Job.model_validate(plain(result["Attributes"]))
 
