@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kontext_s3.admission import DISPATCH, Admission, Admitted, Wait, is_dispatch
+from kontext_s3.admission import DISPATCH, Admission, Admitted, Wait, is_dispatch, slot_member
 from kontext_s3.jobs import Job, JobState, JobStore, new_holder
 from kontext_s3_tools.local_stack import LambdaContext, SqsPoller, sqs_event
 from tests.helpers import Aws, jpeg_bytes
@@ -47,7 +47,7 @@ def dispatch_messages(world: World) -> int:
 def test_two_takers_never_both_take_the_last_slot(aws: Aws) -> None:
     admission = Admission(aws.table(), max_jobs_at_fal=1, daily_image_budget=0)
     decisions: list[Admitted | Wait] = []
-    threads = [threading.Thread(target=lambda i=i: decisions.append(admission.admit(f"{i:032x}", 1))) for i in range(12)]
+    threads = [threading.Thread(target=lambda i=i: decisions.append(admission.admit(f"{i:032x}", 1, taker="t"))) for i in range(12)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -79,40 +79,48 @@ class CountedTable:
 def test_a_slot_costs_one_write_to_take_and_a_full_house_one_refused_write_and_no_read(aws: Aws) -> None:
     counted = CountedTable(aws.table())
     admission = Admission(counted, max_jobs_at_fal=2, daily_image_budget=0)
-    assert isinstance(admission.admit("a" * 32, 1), Admitted)
-    assert isinstance(admission.admit("b" * 32, 1), Admitted)
+    first = admission.admit("a" * 32, 1, taker="h1")
+    assert isinstance(first, Admitted)
+    assert isinstance(admission.admit("b" * 32, 1, taker="h1"), Admitted)
     assert (counted.writes, counted.refused, counted.reads) == (2, 0, 0)
-    assert isinstance(admission.admit("c" * 32, 1), Wait)
+    assert isinstance(admission.admit("c" * 32, 1, taker="h1"), Wait)
     assert (counted.writes, counted.refused, counted.reads) == (3, 1, 0)
-    # A retried delivery of a holder takes its slot again, even in a full house, and holds still one.
-    assert isinstance(admission.admit("a" * 32, 1), Admitted)
-    assert admission.holders() == {"a" * 32, "b" * 32}
+    # The SDK's retry of a take (the same taker) is granted in a full house, and holds still one slot.
+    assert isinstance(admission.admit("a" * 32, 1, taker="h1"), Admitted)
+    assert admission.holders() == {slot_member("a" * 32, "h1"), slot_member("b" * 32, "h1")}
+    # Another take of the same job (a delivery that took it up after the first taker's hold lapsed) is a new take:
+    # it waits, and the first taker's release frees its own take only.
+    assert isinstance(admission.admit("a" * 32, 1, taker="h2"), Wait)
+    assert admission.release(first.slot) is True
+    later = admission.admit("a" * 32, 1, taker="h2")
+    assert isinstance(later, Admitted) and later.slot != first.slot
+    assert admission.release(first.slot) is False  # the late first taker frees nothing of the second's
 
 
 def test_a_slot_is_given_back_once_and_then_taken_by_the_next(aws: Aws) -> None:
     admission = Admission(aws.table(), max_jobs_at_fal=1, daily_image_budget=0)
-    first = admission.admit("a" * 32, 1)
-    assert isinstance(first, Admitted) and first.slot == 0
-    assert isinstance(admission.admit("b" * 32, 1), Wait)
-    assert admission.release("b" * 32, 0) is False  # not the holder
-    assert admission.release("a" * 32, 0) is True
-    assert admission.release("a" * 32, 0) is False  # at most once
-    assert isinstance(admission.admit("b" * 32, 1), Admitted)
+    first = admission.admit("a" * 32, 1, taker="t")
+    assert isinstance(first, Admitted) and first.slot == slot_member("a" * 32, "t")
+    assert isinstance(admission.admit("b" * 32, 1, taker="t"), Wait)
+    assert admission.release(slot_member("b" * 32, "t")) is False  # not a holder
+    assert admission.release(first.slot) is True
+    assert admission.release(first.slot) is False  # at most once
+    assert isinstance(admission.admit("b" * 32, 1, taker="t"), Admitted)
 
 
 def test_the_budget_counts_images_refuses_past_it_and_starts_again_the_next_utc_day(aws: Aws) -> None:
     now = [1_795_600_000.0]
     admission = Admission(aws.table(), max_jobs_at_fal=0, daily_image_budget=5, clock=lambda: now[0])
-    assert isinstance(admission.admit("a" * 32, 2), Admitted)
-    assert isinstance(admission.admit("b" * 32, 3), Admitted)
-    refused = admission.admit("c" * 32, 1)
+    assert isinstance(admission.admit("a" * 32, 2, taker="t"), Admitted)
+    assert isinstance(admission.admit("b" * 32, 3, taker="t"), Admitted)
+    refused = admission.admit("c" * 32, 1, taker="t")
     assert isinstance(refused, Wait) and refused.reason == "budget"
     assert refused.until_ms == admission.next_day_ms() and "resets at" in refused.sentence()
     admission.refund(admission.today(), 3)  # fal never ran one of them
-    assert isinstance(admission.admit("c" * 32, 1), Admitted)
+    assert isinstance(admission.admit("c" * 32, 1, taker="t"), Admitted)
     assert admission.used_today() == 3
     now[0] += DAY
-    assert admission.used_today() == 0 and isinstance(admission.admit("d" * 32, 4), Admitted)
+    assert admission.used_today() == 0 and isinstance(admission.admit("d" * 32, 4, taker="t"), Admitted)
 
 
 # -- every path that ends a job gives its slot back, once -------------------------------------------------
@@ -125,14 +133,14 @@ def submitted_with_slot(world: World, submit: ModuleType, key: str, **faults: in
     assert world.deliver(submit, world.upload_event()) == []
     job = world.job(key, version)
     assert job.slot is not None, job.state
-    assert slots(world) == {job.job_id}
+    assert slots(world) == {job.slot}
     return job
 
 
 def freed_once(world: World, job: Job) -> None:
     until(lambda: slots(world) == set(), what="the slot to be given back")
     assert dispatch_messages(world) == 1  # the line was told once
-    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(job.job_id, job.slot) is False
+    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(job.slot) is False
 
 
 @pytest.fixture
@@ -192,7 +200,7 @@ def test_an_uncertain_submit_keeps_its_slot_until_it_is_resolved(limited: tuple[
     version = world.upload("inputs/uncertain.jpg")
     assert world.deliver(submit, world.upload_event()) == []
     job = world.job("inputs/uncertain.jpg", version)
-    assert job.state is JobState.UNCERTAIN and slots(world) == {job.job_id}  # fal may hold it: the slot is held
+    assert job.state is JobState.UNCERTAIN and slots(world) == {job.slot}  # fal may hold it: the slot is held
     until(lambda: world.job("inputs/uncertain.jpg", version).state is JobState.COMPLETED, what="its webhook")
     freed_once(world, job)
 
@@ -262,9 +270,9 @@ def test_a_slot_leaked_by_a_crash_is_found_and_given_back_by_recovery(world: Wor
     # A submit function took a slot for this job, then died before sending it: its hold lapses.
     store.create(
         job_id=job_id, bucket=world.aws.resources.bucket, key="inputs/crash.jpg", version_id="v", etag=None, sequencer=None,
-        event_time=None, output_prefix="outputs/crash.jpg/x/", holder=new_holder(), hold_ms=-1,
+        event_time=None, output_prefix="outputs/crash.jpg/x/", holder=(holder := new_holder()), hold_ms=-1,
     )  # fmt: skip
-    assert isinstance(Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).admit(job_id, 1), Admitted)
+    assert isinstance(Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).admit(job_id, 1, taker=holder), Admitted)
     recover = world.recover(MAX_JOBS_AT_FAL="1")
     report = recover.lambda_handler({}, LambdaContext("recover", 60))
     assert report["slots_reclaimed"] == 1 and slots(world) == set()
@@ -280,14 +288,14 @@ def test_a_taker_whose_hold_lapsed_after_recovery_handed_its_slot_on_sends_nothi
         job_id=slow, bucket=world.aws.resources.bucket, key="inputs/slow.jpg", version_id="v", etag=None, sequencer=None,
         event_time=None, output_prefix="outputs/slow.jpg/x/", holder=holder, hold_ms=300,
     )  # fmt: skip
-    taken = admission.admit(slow, 1)
+    taken = admission.admit(slow, 1, taker=holder)
     assert isinstance(taken, Admitted)
     time.sleep(0.4)  # the taker stalls past its hold
     report = world.recover(MAX_JOBS_AT_FAL="1").lambda_handler({}, LambdaContext("recover", 60))
     assert report["slots_reclaimed"] == 1
-    assert isinstance(admission.admit("f" * 32, 1), Admitted)  # the next upload takes the freed slot
+    assert isinstance(admission.admit("f" * 32, 1, taker="t"), Admitted)  # the next upload takes the freed slot
     assert store.begin_send(slow, holder, input_json="{}", slot=taken.slot) is None  # lost: nothing may be sent
-    assert slots(world) == {"f" * 32}
+    assert slots(world) == {slot_member("f" * 32, "t")}
     job = store.get(slow)
     assert job is not None and job.state is JobState.SUBMITTING and job.sent_at_ms is None
 
@@ -345,12 +353,36 @@ def test_a_dispatch_that_fills_the_freed_slot_leaves_the_rest_of_the_line_untouc
         waiting[name] = world.job(f"inputs/line/{name}.jpg", version)
         assert waiting[name].state is JobState.WAITING
     # The first job's end frees its slot and signals the line (as its webhook does).
-    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(
-        world.job("inputs/line/first.jpg", first).job_id, 0
-    )
+    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(world.job("inputs/line/first.jpg", first).slot)
     world.deliver(submit, {"MessageId": "dispatch", "ReceiptHandle": "r", "Body": json.dumps(DISPATCH), "Attributes": {}})
     assert JobStore(world.aws.table()).get(waiting["second"].job_id).state is JobState.SUBMITTED  # type: ignore[union-attr]
     third = JobStore(world.aws.table()).get(waiting["third"].job_id)
     assert third is not None and third.state is JobState.WAITING
     # Not taken from its place only to be put back: no writes, no second look at its input, for a slot that is not there.
     assert third.history == waiting["third"].history and third.attempts == waiting["third"].attempts
+
+
+def test_a_late_taker_frees_its_own_take_and_never_the_slot_of_the_delivery_that_took_the_job_up(aws: Aws) -> None:
+    # A hostile review found this with slots held by job id alone: the first taker stalls past its hold, a redelivery
+    # takes the job up, and the first taker's give-back freed the redelivery's slot: two at fal with MaxJobsAtFal 1.
+    store = JobStore(aws.table())
+    admission = Admission(aws.table(), max_jobs_at_fal=1, daily_image_budget=0)
+    job_id, first = uuid.uuid4().hex, new_holder()
+    store.create(
+        job_id=job_id, bucket="b", key="inputs/j.jpg", version_id="v", etag=None, sequencer=None, event_time=None,
+        output_prefix="outputs/j.jpg/x/", holder=first, hold_ms=300,
+    )  # fmt: skip
+    taken = admission.admit(job_id, 1, taker=first)
+    assert isinstance(taken, Admitted)
+    time.sleep(0.4)  # the first taker stalls past its hold
+    second = new_holder()
+    assert store.take_over(job_id, holder=second, hold_ms=60_000) is not None
+    assert isinstance(admission.admit(job_id, 1, taker=second), Wait)  # the first take still counts
+    assert store.begin_send(job_id, first, input_json="{}", slot=taken.slot) is None  # the late taker lost the job
+    assert admission.release(taken.slot) is True  # and gives back its own take (as sending does)
+    again = admission.admit(job_id, 1, taker=second)
+    assert isinstance(again, Admitted)
+    sent = store.begin_send(job_id, second, input_json="{}", slot=again.slot)
+    assert sent is not None and sent.state is JobState.SENDING
+    assert admission.release(taken.slot) is False  # a second give-back of the late take frees nothing
+    assert isinstance(admission.admit(uuid.uuid4().hex, 1, taker=new_holder()), Wait)  # the house is full: one at fal

@@ -58,12 +58,13 @@ def full_house(world: World, submit: ModuleType) -> str:
     version = world.upload("inputs/at-fal.jpg")
     assert world.deliver(submit, world.upload_event()) == []
     job = world.job("inputs/at-fal.jpg", version)
-    assert job.state is JobState.SUBMITTED and job.slot == 0
+    assert job.state is JobState.SUBMITTED and job.slot is not None
     return job.job_id
 
 
 def free_the_slot(world: World, holder: str) -> None:
-    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(holder, 0)
+    job = JobStore(world.aws.table()).get(holder)
+    assert job is not None and Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(job.slot)
 
 
 def test_a_tag_that_asks_no_edit_put_after_the_folders_recipe_changed_runs_nothing(world: World) -> None:
@@ -119,9 +120,9 @@ def test_a_request_larger_than_the_whole_daily_budget_is_refused_with_a_record_n
 
 def test_the_days_first_charge_must_fit_the_budget_too(world: World) -> None:
     admission = Admission(world.aws.table(), max_jobs_at_fal=0, daily_image_budget=2)
-    assert isinstance(admission.admit("a" * 32, 3), Wait)
+    assert isinstance(admission.admit("a" * 32, 3, taker="t"), Wait)
     assert admission.used_today() == 0
-    assert not isinstance(admission.admit("b" * 32, 2), Wait)
+    assert not isinstance(admission.admit("b" * 32, 2, taker="t"), Wait)
 
 
 def test_recovery_does_not_act_on_a_request_the_job_no_longer_has(world: World) -> None:
@@ -172,7 +173,7 @@ def test_a_request_fal_runs_past_the_max_age_keeps_its_slot_and_ends_with_its_ou
     recover = world.recover(MAX_JOBS_AT_FAL="1", RECOVERY_AFTER_SECONDS="0", JOB_MAX_AGE_SECONDS="1")
     recover.lambda_handler({"source": "aws.scheduler", "detail": {}}, LambdaContext("recover", 60))
     assert world.job("inputs/long.jpg", version).state is JobState.SUBMITTED  # fal would not cancel it: it runs
-    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).holders() == {job.job_id}
+    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).holders() == {job.slot}
 
     world.emulator.set_faults(processing_ms=0)
     world.upload("inputs/next.jpg")

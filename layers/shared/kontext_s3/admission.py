@@ -6,13 +6,15 @@ finally starts. So the stack keeps its own queue (WAITING jobs in the jobs
 table) and submits only when it holds one of ``MAX_JOBS_AT_FAL`` slots, and
 only while the day's ``DAILY_IMAGE_BUDGET`` allows the images asked.
 
-* The **slots** are one item, ``_slots``, whose set ``holders`` names the jobs
-  holding one. Taking one adds the job to the set on condition it has fewer
-  than ``MAX_JOBS_AT_FAL`` members (or has the job already), so two callers can
-  never both take the last one and a full house costs one refused write and no
-  read; releasing removes the job on condition it is there, so a slot is freed
-  at most once, whichever path ends the job. The slots are interchangeable: a
-  job that holds one records slot 0.
+* The **slots** are one item, ``_slots``, whose set ``holders`` has one member
+  per slot taken: the job's id and its taker's hold (``<job id>#<holder>``).
+  Taking one adds the member on condition the set has fewer than
+  ``MAX_JOBS_AT_FAL`` (or has that member already: the SDK's retry), so two
+  callers can never both take the last one and a full house costs one refused
+  write and no read. Releasing removes that member on condition it is there, so
+  a slot is freed at most once, whichever path ends the job. A member per take,
+  not per job: a taker whose hold lapsed frees its own take, never the slot of
+  the one that took the job up after it. The job records its member (``slot``).
 * The **budget** is an item ``_budget#<YYYY-MM-DD>`` counting the images
   admitted that UTC day, charged by a conditional add that refuses to pass the
   budget, and refunded when fal never ran the request.
@@ -44,8 +46,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Admitted:
-    #: The slot held (None when slots are unlimited).
-    slot: int | None
+    #: The slot held: its member of ``_slots`` (None when slots are unlimited).
+    slot: str | None
     #: The UTC day charged, and how many images (None when the budget is unlimited).
     budget_day: str | None
     images: int
@@ -64,8 +66,9 @@ class Wait:
         return "waiting for a slot" + (f" ({ahead} ahead)" if ahead is not None else "")
 
 
-#: The slot a job holds, as its item records it: the slots are interchangeable, so every holder's is 0.
-HELD = 0
+def slot_member(job_id: str, taker: str) -> str:
+    """The member of ``_slots`` that one take of a slot is: the job, and the hold that took it."""
+    return f"{job_id}#{taker}"
 
 
 def _conditional_failure(exc: ClientError) -> bool:
@@ -101,39 +104,43 @@ class Admission:
             )
         return None
 
-    def admit(self, job_id: str, images: int) -> Admitted | Wait:
-        """A slot and the day's images for ``job_id``, or why it must wait (nothing is held then).
+    def admit(self, job_id: str, images: int, *, taker: str) -> Admitted | Wait:
+        """A slot and the day's images for ``job_id``, taken by the hold ``taker``, or why it must wait (nothing is
+        held then).
 
         The slot first: a full house costs one refused write, where charging the day's images first would charge
         and refund them for every upload that meets it.
         """
         slot = None
         if self.max_jobs_at_fal > 0:
-            slot = self._take_slot(job_id)
+            slot = self._take_slot(slot_member(job_id, taker))
             if slot is None:
                 return Wait("slot")
         day = None
         if self.daily_image_budget > 0:
             day = self.today()
             if not self._charge(day, images):
-                self.release(job_id, slot)
+                self.release(slot)
                 return Wait("budget", self.next_day_ms())
         return Admitted(slot, day, images)
 
-    def release(self, job_id: str, slot: int | None) -> bool:
-        """Free the slot ``job_id`` holds, if it does; True when this call freed it (so at most one caller does)."""
+    def release(self, slot: str | None) -> bool:
+        """Free ``slot`` (a member of ``_slots``) if it is held; True when this call freed it (so at most one caller
+        does, but for the SDK's retry of a release whose first attempt freed it: that one is said freed too)."""
         if slot is None:
             return False
         try:
             self._table.update_item(
                 Key=table_keys.slots(),
-                UpdateExpression="DELETE holders :job_set",
-                ConditionExpression="contains(holders, :job)",
-                ExpressionAttributeValues={":job_set": {job_id}, ":job": job_id},
+                UpdateExpression="DELETE holders :slot_set",
+                ConditionExpression="contains(holders, :slot)",
+                ExpressionAttributeValues={":slot_set": {slot}, ":slot": slot},
             )
         except ClientError as exc:
             if _conditional_failure(exc):
-                return False
+                # Refused at the first attempt: another freed it. After a retry, ours may have: the line is told
+                # (a second signal costs a dispatch pass; a lost one leaves the line to recovery's next run).
+                return bool(exc.response.get("ResponseMetadata", {}).get("RetryAttempts"))
             raise
         return True
 
@@ -150,7 +157,7 @@ class Admission:
     # -- what recovery reads ------------------------------------------------------------------
 
     def holders(self) -> set[str]:
-        """The jobs holding a slot now (one consistent read)."""
+        """The slots held now, as members (``<job id>#<holder>``; one consistent read)."""
         item = self._table.get_item(Key=table_keys.slots(), ConsistentRead=True).get("Item") or {}
         return {str(job_id) for job_id in item.get("holders", ())}
 
@@ -162,13 +169,17 @@ class Admission:
         item = self._table.get_item(Key=table_keys.budget(self.today()), ConsistentRead=True).get("Item")
         return int(item.get("used", 0)) if item else 0
 
-    def reclaim(self, still_needs_slot: Callable[[str], bool]) -> list[str]:
-        """Free the slots whose job no longer needs one (a crash leaked them); returns the jobs whose slot was freed."""
+    def reclaim(self, still_needs_slot: Callable[[str, str, str], bool]) -> list[str]:
+        """Free the slots no take needs any more (a crash leaked them); returns the slots freed.
+
+        ``still_needs_slot(slot, job_id, taker)`` says whether the take is (or may be) at fal, or about to be.
+        """
         freed = []
-        for job_id in sorted(self.holders()):
-            if not still_needs_slot(job_id) and self.release(job_id, HELD):
-                logger.warning("a leaked slot was freed", extra={"job_id": job_id})
-                freed.append(job_id)
+        for slot in sorted(self.holders()):
+            job_id, _, taker = slot.partition("#")
+            if not still_needs_slot(slot, job_id, taker) and self.release(slot):
+                logger.warning("a leaked slot was freed", extra={"slot": slot, "job_id": job_id})
+                freed.append(slot)
         return freed
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -194,20 +205,20 @@ class Admission:
             raise
         return True
 
-    def _take_slot(self, job_id: str) -> int | None:
+    def _take_slot(self, slot: str) -> str | None:
         try:
             self._table.update_item(
                 Key=table_keys.slots(),
-                UpdateExpression="ADD holders :job_set",
-                # Taken again by a job that holds one already (a retried delivery): granted, and nothing changes.
-                ConditionExpression="attribute_not_exists(holders) OR size(holders) < :max OR contains(holders, :job)",
-                ExpressionAttributeValues={":job_set": {job_id}, ":max": self.max_jobs_at_fal, ":job": job_id},
+                UpdateExpression="ADD holders :slot_set",
+                # The SDK's retry of a take whose first attempt landed finds its member there: granted, nothing changes.
+                ConditionExpression="attribute_not_exists(holders) OR size(holders) < :max OR contains(holders, :slot)",
+                ExpressionAttributeValues={":slot_set": {slot}, ":max": self.max_jobs_at_fal, ":slot": slot},
             )
         except ClientError as exc:
             if _conditional_failure(exc):
                 return None
             raise
-        return HELD
+        return slot
 
 
 DISPATCH = {"kontext_s3": "dispatch"}

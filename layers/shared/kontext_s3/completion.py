@@ -68,7 +68,7 @@ class JobFinisher:
         """Free the job's slot (once, whoever ends it) and tell the line; refund its images if fal never ran it."""
         if self.admission is None:
             return
-        if self.admission.release(job.job_id, job.slot) and self.slot_freed is not None:
+        if self.admission.release(job.slot) and self.slot_freed is not None:
             self.slot_freed()
         if never_ran:
             self.admission.refund(job.budget_day, job.budget_images or 0)

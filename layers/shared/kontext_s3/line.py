@@ -52,7 +52,9 @@ class Line:
             self._finisher.fail(job, held.holder, stage="admission", code="over_daily_budget", message=never)
             return ChangeResult(Outcome.FAILED, job.key, job.job_id, never)
         try:
-            decision = self._admission.admit(job.job_id, edit.images) if self._admission else Admitted(None, None, edit.images)
+            decision = (
+                self._admission.admit(job.job_id, edit.images, taker=held.holder) if self._admission else Admitted(None, None, edit.images)
+            )
         except Exception as exc:
             return attempt.not_sent(held, edit, f"{type(exc).__name__}: {exc}", code="retries_exhausted", cause=exc)
         if isinstance(decision, Wait):

@@ -125,15 +125,15 @@ class Recovery:
             self._slot_freed()
         return report
 
-    def _still_needs_slot(self, job_id: str) -> bool:
-        """Whether the job holding a slot is (or may be) at fal, or about to be: else its slot leaked."""
+    def _still_needs_slot(self, slot: str, job_id: str, taker: str) -> bool:
+        """Whether the take ``slot`` is (or may be) at fal, or about to be: else it leaked."""
         job = self._jobs.get(job_id)
-        if job is None or (job.slot is None and job.state is not JobState.SUBMITTING):
+        if job is None:
             return False
-        if job.state in (JobState.SENDING, JobState.SUBMITTED, JobState.UNCERTAIN):
+        if job.slot == slot and job.state in (JobState.SENDING, JobState.SUBMITTED, JobState.UNCERTAIN):
             return True
-        # Between taking the slot and sending: alive while its taker's hold is.
-        return job.state is JobState.SUBMITTING and job.holder is not None and not job.hold_lapsed()
+        # Between taking the slot and sending: alive while the hold that took it is.
+        return job.state is JobState.SUBMITTING and job.holder == taker and not job.hold_lapsed()
 
     def _one(self, job_id: str, action: Callable[[Job, float], str], deadline: float) -> str:
         if time.monotonic() > deadline:

@@ -104,7 +104,7 @@ class Sender:
         """
         if self._admission is None:
             return
-        self._admission.release(job_id, admitted.slot)
+        self._admission.release(admitted.slot)
         self._admission.refund(admitted.budget_day, admitted.images)
 
     def _headers(self, start_within: int | None) -> dict[str, str]:

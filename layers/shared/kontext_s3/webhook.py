@@ -1,6 +1,7 @@
 """fal's webhook call, from raw request to an ended job.
 
-In order, and with no side effect before the last check passes:
+In order, and with no lasting side effect before the last check passes (the common case, a job at fal with
+the signed request id and nobody holding it, is held in one write before steps 3 to 5, and let go if any refuses):
 
 1. the body is no larger than ``WEBHOOK_MAX_BODY_BYTES`` (413);
 2. fal's signature verifies (401 when a header is missing, the timestamp is
@@ -93,7 +94,12 @@ class WebhookReceiver:
         # The common case in one write: the job is at fal with this very request, and nobody holds it. Anything else
         # (no such job, another request, an UNCERTAIN job, one that ended or is held) is read, and answered, below.
         early = self._finisher.claim(job_id, deadline=deadline, request_id=sender.request_id)
-        answer = self._checked(job_id, sender, raw_body, early, deadline)
+        try:
+            answer = self._checked(job_id, sender, raw_body, early, deadline)
+        except BaseException:
+            if early is not None:
+                self._finisher.let_go(early)  # a fault while checking: fal's retry (or recovery) finds the job free
+            raise
         if early is not None and (not isinstance(answer, tuple) or answer[1] is not early):
             self._finisher.let_go(early)  # refused after all (another fal account, a bad body): nothing was done
         if not isinstance(answer, tuple):

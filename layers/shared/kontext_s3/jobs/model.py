@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class JobState(StrEnum):
@@ -73,8 +73,8 @@ class Job(BaseModel):
     image_json: str | None = None
     sent_at_ms: int | None = None
     admitted_at_ms: int | None = None
-    #: Admission (see ``admission``): the slot held, and the UTC day and images charged to the budget.
-    slot: int | None = None
+    #: Admission (see ``admission``): the slot held (its member of ``_slots``), and the UTC day and images charged.
+    slot: str | None = None
     budget_day: str | None = None
     budget_images: int | None = None
     #: Taken from the line (it has no SQS message): if its taker dies, recovery puts it back in line.
@@ -99,6 +99,13 @@ class Job(BaseModel):
     notified_at_ms: int | None = None
     last_writer: str | None = None
     history: list[HistoryEntry] = Field(default_factory=list)
+
+    @field_validator("slot", mode="before")
+    @classmethod
+    def _slot_of_an_earlier_version(cls, value: Any) -> Any:
+        # Before the slots were one item, a job recorded its slot's number: that slot is no member of ``_slots``, so
+        # freeing it frees nothing (the job's old ``_slot#`` item is no longer read).
+        return str(value) if isinstance(value, int) else value
 
     @property
     def recipe(self) -> dict[str, Any] | None:

@@ -145,7 +145,7 @@ class JobMoves(TableAccess):
         holder: str,
         *,
         input_json: str,
-        slot: int | None = None,
+        slot: str | None = None,
         budget_day: str | None = None,
         images: int = 0,
         recipe_json: str | None = None,
