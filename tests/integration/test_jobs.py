@@ -179,3 +179,21 @@ def test_open_jobs_are_listed_least_recently_checked_first_and_leave_the_index_w
     store.complete(ids[1], "f", output_keys=[], manifest_key="m", note="", notify=False)
     assert ids[1] not in store.open_job_ids("SUBMITTED", checked_before_ms=now_ms() + 1)
     assert store.open_job_ids("NOTIFY", checked_before_ms=now_ms() + 1) == []
+
+
+def test_a_late_webhook_of_a_request_put_back_in_line_is_never_adopted_by_the_jobs_next_request(aws: Aws) -> None:
+    # Found by a hostile review: r1 never started, so the job went back in line and was sent again (r2, whose answer
+    # was lost: UNCERTAIN, no request id). r1's late webhook would have made r1 the job's request, and "r1 never
+    # started" would have put it back in line a third time while r2 may be running at fal.
+    store = JobStore(aws.table())
+    job = submitted(store, request_id="r1")
+    claim = store.claim(job.job_id, "finisher", hold_ms=10_000)
+    assert claim is not None
+    back = store.requeue(claim.job, "finisher", reason="request_timeout")
+    assert back is not None and back.state is JobState.WAITING and back.past_request_ids == ["r1"]
+    assert store.take_waiting(job.job_id, holder="dispatcher", hold_ms=10_000) is not None
+    assert store.begin_send(job.job_id, "dispatcher", input_json="{}") is not None
+    assert store.mark_uncertain(job.job_id, holder="dispatcher", reason="no answer from fal") is not None
+    assert store.adopt_request(job.job_id, "r1") is None  # r1's late webhook: not this job's any more
+    adopted = store.adopt_request(job.job_id, "r2")
+    assert adopted is not None and adopted.state is JobState.SUBMITTED and adopted.request_id == "r2"

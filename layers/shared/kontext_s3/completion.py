@@ -75,7 +75,7 @@ class JobFinisher:
 
     def requeue(self, claim: Claim, reason: str) -> Job | None:
         """fal never started the request before its start timeout: back in line (first), slot and images given back."""
-        back = self.jobs.requeue(claim.job.job_id, claim.holder, reason=reason)
+        back = self.jobs.requeue(claim.job, claim.holder, reason=reason)
         if back is None:
             logger.warning("lost the job while putting it back in line")
             return None

@@ -62,6 +62,8 @@ class Job(BaseModel):
     holder: str | None = None
     held_until_ms: int | None = None
     request_id: str | None = None
+    #: fal requests of this job put back in line (fal said they never started): never this job's again.
+    past_request_ids: list[str] = Field(default_factory=list)
     gateway_request_id: str | None = None
     status_url: str | None = None
     response_url: str | None = None

@@ -50,6 +50,7 @@ class JobMoves(TableAccess):
             ":at": at,
             ":true": True,
             ":holder": holder,
+            ":rid": (sets or {}).get("request_id"),
             **{f":s_{case.source.value}": case.source.value for case in transition.cases},
         }
         assignments = [
@@ -165,8 +166,10 @@ class JobMoves(TableAccess):
         }
         return self.move(T.BEGIN_SEND, job_id, holder=holder, sets=sets, note="sending to fal", at=at)
 
-    def requeue(self, job_id: str, holder: str, *, reason: str) -> Job | None:
-        return self.move(T.REQUEUE, job_id, holder=holder, note=f"back in line: {reason}")
+    def requeue(self, job: Job, holder: str, *, reason: str) -> Job | None:
+        """The job as its holder read it: the request put back is remembered, so its late webhook is never adopted."""
+        sets = {"past_request_ids": [*job.past_request_ids, job.request_id]} if job.request_id else None
+        return self.move(T.REQUEUE, job.job_id, holder=holder, sets=sets, note=f"back in line: {reason}")
 
     def not_enqueued(self, job_id: str, holder: str, *, reason: str, wait: bool = False) -> Job | None:
         """``wait``: the job came from the line (it has no message to retry it), so it goes back in line."""

@@ -50,6 +50,9 @@ class Requires(Enum):
     RETRYABLE = "failure_retryable = :true"
     FROM_LINE = "from_line = :true"
     NO_REQUEST = "attribute_not_exists(request_id)"
+    #: ``:rid`` (the request id the write records) was never this job's before: a late webhook of a request put back
+    #: in line is not adopted (its job may be at fal again under another request).
+    NEW_REQUEST = "attribute_not_exists(request_id) AND NOT contains(past_request_ids, :rid)"
     #: Never sent, or fal said it never held it: nothing of it can be at fal, nothing was paid.
     NEVER_SENT = "attribute_not_exists(request_id) AND attribute_not_exists(sent_at_ms)"
 
@@ -163,7 +166,10 @@ class Transitions:
     SENDER_DIED: Transition = Transition("sender died", (Case(S.SENDING, Hold.LAPSED),), S.UNCERTAIN)
     #: An UNCERTAIN job's signed webhook came: fal did accept it, under this request id.
     ADOPT_REQUEST: Transition = Transition(
-        "request learned from its webhook", (Case(S.UNCERTAIN, Hold.ANY, Requires.NO_REQUEST),), S.SUBMITTED, clears=("error_message",)
+        "request learned from its webhook",
+        (Case(S.UNCERTAIN, Hold.ANY, Requires.NEW_REQUEST),),
+        S.SUBMITTED,
+        clears=("error_message",),
     )
     #: fal never started the request (its start timeout passed): in line again for a fresh try, with a fresh URL.
     REQUEUE: Transition = Transition(
