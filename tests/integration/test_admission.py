@@ -386,3 +386,32 @@ def test_a_late_taker_frees_its_own_take_and_never_the_slot_of_the_delivery_that
     assert sent is not None and sent.state is JobState.SENDING
     assert admission.release(taken.slot) is False  # a second give-back of the late take frees nothing
     assert isinstance(admission.admit(uuid.uuid4().hex, 1, taker=new_holder()), Wait)  # the house is full: one at fal
+
+
+def test_dispatchers_racing_for_one_line_fill_every_freed_slot(world: World) -> None:
+    # A dispatcher that loses a waiting upload to another stops; the winner goes on while slots are free.
+    first, second = world.submit(MAX_JOBS_AT_FAL="2"), world.submit(MAX_JOBS_AT_FAL="2")
+    world.emulator.set_faults(queue_ms=60_000)
+    at_fal = []
+    for key in ("inputs/race/a.jpg", "inputs/race/b.jpg"):
+        at_fal.append((key, world.upload(key)))
+        assert world.deliver(first, world.upload_event()) == []
+    line = []
+    for name in ("c", "d", "e"):
+        version = world.upload(f"inputs/race/{name}.jpg")
+        assert world.deliver(first, world.upload_event()) == []
+        line.append(world.job(f"inputs/race/{name}.jpg", version))
+    assert [job.state for job in line] == [JobState.WAITING] * 3 and world.posts() == 2
+    admission = Admission(world.aws.table(), max_jobs_at_fal=2, daily_image_budget=0)
+    for key, version in at_fal:  # both end at once, and each signals the line
+        assert admission.release(world.job(key, version).slot)
+    signal = {"MessageId": "dispatch", "ReceiptHandle": "r", "Body": json.dumps(DISPATCH), "Attributes": {}}
+    threads = [threading.Thread(target=world.deliver, args=(module, signal)) for module in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    store = JobStore(world.aws.table())
+    states = [store.get(job.job_id).state for job in line]  # type: ignore[union-attr]
+    assert states == [JobState.SUBMITTED, JobState.SUBMITTED, JobState.WAITING]  # in arrival order
+    assert world.posts() == 4 and len(admission.holders()) == 2

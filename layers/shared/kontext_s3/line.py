@@ -2,8 +2,9 @@
 
 A waiting job holds nothing; its place is its upload's arrival. When a slot is freed, the webhook (or recovery)
 signals the submit function, whose dispatcher gives free slots to the uploads waiting longest, checking each one's
-input is still there before it is sent. Only a full house (admission's wait) stops the dispatcher: a job that
-cannot be sent gets its record, or goes back to its place, and the line goes on.
+input is still there before it is sent. A full house (admission's wait) stops the dispatcher, and so does a
+waiting upload another dispatcher took first (that one goes on down the line); a job that cannot be sent gets its
+record, or goes back to its place, and the line goes on.
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ class Line:
             holder = new_holder()
             job = self._jobs.take_waiting(job_id, holder=holder, hold_ms=submit_hold_ms(deadline))
             if job is None:
-                continue  # another dispatcher took it
+                # Another dispatcher took it, and goes on down the line while slots are free: racing it for the next
+                # ones would only lose more writes (uploads made at once lost about three each). A job that ended
+                # instead (cancelled while it waited) leaves the line to the next signal, or recovery's next run.
+                break
             logger.thread_safe_append_keys(job_id=job.job_id, object_key=job.key)
             try:
                 result = self._turn_from_line(Held(job, holder), deadline)
