@@ -415,3 +415,34 @@ def test_dispatchers_racing_for_one_line_fill_every_freed_slot(world: World) -> 
     states = [store.get(job.job_id).state for job in line]  # type: ignore[union-attr]
     assert states == [JobState.SUBMITTED, JobState.SUBMITTED, JobState.WAITING]  # in arrival order
     assert world.posts() == 4 and len(admission.holders()) == 2
+
+
+def test_a_dispatcher_that_meets_an_upload_ended_as_it_took_it_goes_on_to_the_next(world: World) -> None:
+    # Stopping on a lost upload is for one another dispatcher took: it goes on down the line. An upload that ended
+    # instead (cancelled as the dispatcher reached it) leaves nobody to go on, so the dispatcher does.
+    submit = world.submit(MAX_JOBS_AT_FAL="1")
+    world.emulator.set_faults(queue_ms=60_000)
+    first = world.upload("inputs/gone/first.jpg")
+    assert world.deliver(submit, world.upload_event()) == []
+    line = []
+    for name in ("cancelled", "next"):
+        version = world.upload(f"inputs/gone/{name}.jpg")
+        assert world.deliver(submit, world.upload_event()) == []
+        line.append(world.job(f"inputs/gone/{name}.jpg", version))
+    cancelled, after = line
+
+    def ended_just_before_its_take(call: Any) -> None:
+        body = json.loads(call.body or b"{}") if call.service == "dynamodb" else {}
+        if call.action == "UpdateItem" and body.get("Key", {}).get("job_id", {}).get("S") == cancelled.job_id and not ended:
+            ended.append(True)
+            store, holder = JobStore(world.aws.table()), new_holder()
+            assert store.take_waiting(cancelled.job_id, holder=holder, hold_ms=60_000) is not None
+            assert store.fail(cancelled.job_id, holder, code="cancelled", message="deleted", error_key="e", notify=False)
+
+    ended: list[bool] = []
+    world.gateway.add_fault(ended_just_before_its_take)
+    assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(world.job("inputs/gone/first.jpg", first).slot)
+    world.deliver(submit, {"MessageId": "dispatch", "ReceiptHandle": "r", "Body": json.dumps(DISPATCH), "Attributes": {}})
+    assert ended, "the dispatcher never reached the upload"
+    sent = JobStore(world.aws.table()).get(after.job_id)
+    assert sent is not None and sent.state is JobState.SUBMITTED and world.posts() == 2

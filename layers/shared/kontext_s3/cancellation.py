@@ -82,7 +82,12 @@ class Cancellation:
         checks the input before it sends (``line``), and ends it there the same way."""
         holder = new_holder()
         taken = self._jobs.take_waiting(job.job_id, holder=holder, hold_ms=submit_hold_ms(deadline))
-        return taken is not None and cancel_unsent(self._finisher, Held(taken, holder)) is not None
+        if taken is None or cancel_unsent(self._finisher, Held(taken, holder)) is None:
+            return False
+        if self._finisher.slot_freed is not None:
+            # A dispatcher that met the job while it was taken here took it for another dispatcher's and stopped.
+            self._finisher.slot_freed()
+        return True
 
     def _removed_uploads(self, change: ObjectChange) -> list[str]:
         """Which uploads a removal is about.

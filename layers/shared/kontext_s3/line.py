@@ -104,10 +104,11 @@ class Line:
             holder = new_holder()
             job = self._jobs.take_waiting(job_id, holder=holder, hold_ms=submit_hold_ms(deadline))
             if job is None:
-                # Another dispatcher took it, and goes on down the line while slots are free: racing it for the next
-                # ones would only lose more writes (uploads made at once lost about three each). A job that ended
-                # instead (cancelled while it waited) leaves the line to the next signal, or recovery's next run.
-                break
+                if self._another_dispatcher_has(job_id):
+                    # It goes on down the line while slots are free: racing it for the next ones would only lose
+                    # more writes (uploads made at once lost about three each).
+                    break
+                continue  # ended, or the line's index was behind: the next one
             logger.thread_safe_append_keys(job_id=job.job_id, object_key=job.key)
             try:
                 result = self._turn_from_line(Held(job, holder), deadline)
@@ -117,6 +118,11 @@ class Line:
             if result.line_full:
                 break  # no slot (or no budget) left: the next freed slot signals again
         return results
+
+    def _another_dispatcher_has(self, job_id: str) -> bool:
+        """Whether a live dispatcher took the job (a cancellation that took it signals the line once it is ended)."""
+        job = self._jobs.get(job_id)
+        return job is not None and job.state is JobState.SUBMITTING and job.from_line and not job.hold_lapsed()
 
     def _input_present(self, job: Job) -> bool:
         """Whether the upload is still there to be sent. On an unversioned bucket fal is given the pinned copy, and a

@@ -184,7 +184,8 @@ class WebhookReceiver:
             return job, early, document, succeeded
         if job.state.ended:
             return self._already_ended(job)
-        claim = self._finisher.claim(job_id, deadline=deadline)
+        # Still this request's: a job put back in line and sent again since it was read is not this webhook's.
+        claim = self._finisher.claim(job_id, deadline=deadline, request_id=sender.request_id)
         if claim is None:
             current = self._jobs.get(job_id) or job
             if current.state.ended:

@@ -156,7 +156,7 @@ class Transitions:
     #: the truth, so it is recorded all the same.
     MARK_SUBMITTED: Transition = Transition(
         "submitted",
-        (Case(S.SENDING), Case(S.UNCERTAIN, Hold.ANY, Requires.NO_REQUEST)),
+        (Case(S.SENDING), Case(S.UNCERTAIN, Hold.ANY, Requires.NEW_REQUEST)),
         S.SUBMITTED,
         clears=("error_message",),
     )
