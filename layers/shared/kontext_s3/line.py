@@ -120,9 +120,10 @@ class Line:
         return results
 
     def _another_dispatcher_has(self, job_id: str) -> bool:
-        """Whether a live dispatcher took the job (a cancellation that took it signals the line once it is ended)."""
+        """Whether another dispatcher took the job: it is open and out of line, so it is being sent or was (an ended
+        job was cancelled; a cancellation that takes a waiting job signals the line once it has ended it)."""
         job = self._jobs.get(job_id)
-        return job is not None and job.state is JobState.SUBMITTING and job.from_line and not job.hold_lapsed()
+        return job is not None and not job.state.ended
 
     def _input_present(self, job: Job) -> bool:
         """Whether the upload is still there to be sent. On an unversioned bucket fal is given the pinned copy, and a
