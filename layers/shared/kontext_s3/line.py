@@ -121,7 +121,12 @@ class Line:
 
     def _another_dispatcher_has(self, job_id: str) -> bool:
         """Whether another dispatcher took the job: it is open and out of line, so it is being sent or was (an ended
-        job was cancelled; a cancellation that takes a waiting job signals the line once it has ended it)."""
+        job was cancelled; a cancellation that takes a waiting job signals the line once it has ended it).
+
+        Stopping then never leaves the line for good: the job is at fal or on its way (or back in line for a full
+        house), and its own end frees a slot and signals again. At worst one freed slot idles until that end, when
+        the dispatcher that took it stopped early (its deadline) or the line's index was behind.
+        """
         job = self._jobs.get(job_id)
         return job is not None and not job.state.ended
 
