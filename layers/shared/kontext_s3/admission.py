@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from kontext_s3 import table_keys
+from kontext_s3.dynamo import conditional_failure, retried
 from kontext_s3.log import logger
 
 if TYPE_CHECKING:
@@ -69,10 +70,6 @@ class Wait:
 def slot_member(job_id: str, taker: str) -> str:
     """The member of ``_slots`` that one take of a slot is: the job, and the hold that took it."""
     return f"{job_id}#{taker}"
-
-
-def _conditional_failure(exc: ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
 
 class Admission:
@@ -137,10 +134,10 @@ class Admission:
                 ExpressionAttributeValues={":slot_set": {slot}, ":slot": slot},
             )
         except ClientError as exc:
-            if _conditional_failure(exc):
+            if conditional_failure(exc):
                 # Refused at the first attempt: another freed it. After a retry, ours may have: the line is told
                 # (a second signal costs a dispatch pass; a lost one leaves the line to recovery's next run).
-                return bool(exc.response.get("ResponseMetadata", {}).get("RetryAttempts"))
+                return retried(exc)
             raise
         return True
 
@@ -200,7 +197,7 @@ class Admission:
                 },
             )
         except ClientError as exc:
-            if _conditional_failure(exc):
+            if conditional_failure(exc):
                 return False
             raise
         return True
@@ -215,7 +212,7 @@ class Admission:
                 ExpressionAttributeValues={":slot_set": {slot}, ":max": self.max_jobs_at_fal, ":slot": slot},
             )
         except ClientError as exc:
-            if _conditional_failure(exc):
+            if conditional_failure(exc):
                 return None
             raise
         return slot

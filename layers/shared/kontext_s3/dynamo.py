@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
 if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
     from mypy_boto3_dynamodb import DynamoDBClient
 
 _SERIALIZE = TypeSerializer().serialize
@@ -27,6 +28,16 @@ def _to_wire(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _from_wire(values: Mapping[str, Any]) -> dict[str, Any]:
     return {name: _DESERIALIZE(value) for name, value in values.items()}
+
+
+def conditional_failure(exc: ClientError) -> bool:
+    """A conditional write refused: its condition did not hold."""
+    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+def retried(exc: ClientError) -> bool:
+    """The SDK sent the request more than once, so an earlier attempt of it may have landed (its answer was lost)."""
+    return bool(exc.response.get("ResponseMetadata", {}).get("RetryAttempts"))
 
 
 #: What the stores call ``get_item``/``put_item``/``update_item``/``query`` on: a resource ``Table``, or :class:`Table`.

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from botocore.exceptions import ClientError
 
 from kontext_s3 import table_keys
+from kontext_s3.dynamo import conditional_failure
 from kontext_s3.jobs import iso, now_ms
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class FalAccount:
                 ConditionExpression="attribute_not_exists(job_id)",
             )
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+            if not conditional_failure(exc):
                 raise
             self._known = None  # someone pinned first: read theirs
             return self.pinned() == user_id

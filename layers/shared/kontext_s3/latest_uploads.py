@@ -16,7 +16,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from kontext_s3 import table_keys
-from kontext_s3.dynamo import TableLike
+from kontext_s3.dynamo import TableLike, conditional_failure
 from kontext_s3.s3_events import ObjectChange
 
 #: Sequencers are hexadecimal strings of varying length, ordered by length and then lexically: padded to this many
@@ -59,7 +59,7 @@ class LatestUploads:
                 ExpressionAttributeValues={":s": sequencer_order(change.sequencer)},
             )
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+            if not conditional_failure(exc):
                 raise
 
     def latest(self, bucket: str, key: str) -> str | None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
+from kontext_s3.dynamo import retried
 from kontext_s3.jobs.model import Job
 
 if TYPE_CHECKING:
@@ -30,14 +31,10 @@ class TableAccess:
 
     def _if_mine(self, job_id: str, writer: str, refusal: ClientError) -> Job | None:
         """After a failed condition: the job, if the write that changed it was ours (a retried write)."""
-        if not refusal.response.get("ResponseMetadata", {}).get("RetryAttempts"):
+        if not retried(refusal):
             return None  # refused at the first attempt: no earlier attempt of ours can have landed
         current = self.get(job_id)
         return current if current is not None and current.last_writer == writer else None
-
-
-def conditional_failure(exc: ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
 
 def plain(value: Any) -> Any:

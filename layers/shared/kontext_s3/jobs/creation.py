@@ -7,7 +7,8 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from kontext_s3 import table_keys
-from kontext_s3.jobs.base import TableAccess, conditional_failure
+from kontext_s3.dynamo import conditional_failure
+from kontext_s3.jobs.base import TableAccess
 from kontext_s3.jobs.index import open_shard
 from kontext_s3.jobs.model import Job, JobState, iso, new_holder, now_ms
 

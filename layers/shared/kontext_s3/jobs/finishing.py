@@ -10,7 +10,8 @@ from collections.abc import Iterable
 
 from botocore.exceptions import ClientError
 
-from kontext_s3.jobs.base import conditional_failure, plain
+from kontext_s3.dynamo import conditional_failure
+from kontext_s3.jobs.base import plain
 from kontext_s3.jobs.index import NOTIFY_HOLD_MS
 from kontext_s3.jobs.model import AT_FAL, Claim, Job, JobState, new_holder, now_ms
 from kontext_s3.jobs.moves import JobMoves

@@ -14,7 +14,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from kontext_s3.jobs.base import TableAccess, conditional_failure, plain
+from kontext_s3.dynamo import conditional_failure
+from kontext_s3.jobs.base import TableAccess, plain
 from kontext_s3.jobs.index import NOTIFY, NOTIFY_HOLD_MS, open_shard
 from kontext_s3.jobs.model import Job, iso, new_holder, now_ms
 from kontext_s3.jobs.transitions import Index, T, Transition

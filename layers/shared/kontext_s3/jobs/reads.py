@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from botocore.exceptions import ClientError
 
 from kontext_s3 import table_keys
-from kontext_s3.jobs.base import TableAccess, conditional_failure
+from kontext_s3.dynamo import conditional_failure
+from kontext_s3.jobs.base import TableAccess
 from kontext_s3.jobs.index import NOTIFY, OPEN_JOBS_INDEX, open_shard, shards_of
 from kontext_s3.jobs.model import Job, JobState, now_ms
 
