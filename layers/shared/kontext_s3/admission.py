@@ -72,6 +72,12 @@ def slot_member(job_id: str, taker: str) -> str:
     return f"{job_id}#{taker}"
 
 
+def slot_taken_by(slot: str) -> tuple[str, str]:
+    """The job and the taker's hold a member of ``_slots`` names (:func:`slot_member`'s inverse)."""
+    job_id, _, taker = slot.partition("#")
+    return job_id, taker
+
+
 class Admission:
     def __init__(self, table: TableLike, *, max_jobs_at_fal: int, daily_image_budget: int, clock: Callable[[], float] = time.time) -> None:
         self._table = table
@@ -156,7 +162,7 @@ class Admission:
     def holders(self) -> set[str]:
         """The slots held now, as members (``<job id>#<holder>``; one consistent read)."""
         item = self._table.get_item(Key=table_keys.slots(), ConsistentRead=True).get("Item") or {}
-        return {str(job_id) for job_id in item.get("holders", ())}
+        return {str(member) for member in item.get("holders", ())}
 
     def slot_free(self) -> bool:
         """Whether a slot looks free now (one consistent read; always, when slots are unlimited)."""
@@ -173,7 +179,7 @@ class Admission:
         """
         freed = []
         for slot in sorted(self.holders()):
-            job_id, _, taker = slot.partition("#")
+            job_id, taker = slot_taken_by(slot)
             if not still_needs_slot(slot, job_id, taker) and self.release(slot):
                 logger.warning("a leaked slot was freed", extra={"slot": slot, "job_id": job_id})
                 freed.append(slot)

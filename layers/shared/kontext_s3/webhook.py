@@ -94,14 +94,14 @@ class WebhookReceiver:
         # The common case in one write: the job is at fal with this very request, and nobody holds it. Anything else
         # (no such job, another request, an UNCERTAIN job, one that ended or is held) is read, and answered, below.
         early = self._finisher.claim(job_id, deadline=deadline, request_id=sender.request_id)
+        answer: WebhookAnswer | tuple[Job, Claim, dict[str, Any], bool] | None = None
         try:
             answer = self._checked(job_id, sender, raw_body, early, deadline)
-        except BaseException:
-            if early is not None:
-                self._finisher.let_go(early)  # a fault while checking: fal's retry (or recovery) finds the job free
-            raise
-        if early is not None and (not isinstance(answer, tuple) or answer[1] is not early):
-            self._finisher.let_go(early)  # refused after all (another fal account, a bad body): nothing was done
+        finally:
+            if early is not None and not (isinstance(answer, tuple) and answer[1] is early):
+                # Refused after all (another fal account, a bad body) or a fault while checking: nothing was done,
+                # and fal's retry (or recovery) finds the job free.
+                self._finisher.let_go(early)
         if not isinstance(answer, tuple):
             return answer
         job, claim, document, succeeded = answer
