@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from kontext_s3.admission import DISPATCH
 from kontext_s3.dynamo import Table
 from kontext_s3_tools.local_stack import LambdaContext, Resources, aws_session, sqs_event
 
@@ -101,6 +102,11 @@ def eventually(check: Callable[[], Any], timeout: float = 30.0, what: str = "con
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def dispatch_signal() -> dict[str, Any]:
+    """The uploads queue's message that tells the submit function a slot is free (as the webhook sends it)."""
+    return {"MessageId": "dispatch", "ReceiptHandle": "r", "Body": json.dumps(DISPATCH), "Attributes": {"ApproximateReceiveCount": "1"}}
 
 
 def jpeg_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 120, 40)) -> bytes:

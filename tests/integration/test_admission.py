@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from kontext_s3.admission import DISPATCH, Admission, Admitted, Wait, is_dispatch, slot_member
+from kontext_s3.admission import Admission, Admitted, Wait, is_dispatch, slot_member
 from kontext_s3.jobs import Job, JobState, JobStore, new_holder
 from kontext_s3_tools.local_stack import LambdaContext, SqsPoller, sqs_event
-from tests.helpers import Aws, jpeg_bytes
+from tests.helpers import Aws, dispatch_signal, jpeg_bytes
 from tests.helpers import eventually as until
 from tests.world import World, world
 
@@ -237,9 +237,7 @@ def test_a_request_fal_could_not_start_in_time_goes_back_in_line_and_is_sent_aga
 
 
 def dispatch_event(world: World) -> dict[str, Any]:
-    body = json.dumps({"kontext_s3": "dispatch"})
-    message = {"MessageId": str(uuid.uuid4()), "ReceiptHandle": "r", "Body": body, "Attributes": {"ApproximateReceiveCount": "1"}}
-    return sqs_event([message], world.aws.resources.queue_arn)
+    return sqs_event([{**dispatch_signal(), "MessageId": str(uuid.uuid4())}], world.aws.resources.queue_arn)
 
 
 # -- races and leaks -------------------------------------------------------------------------------------
@@ -354,7 +352,7 @@ def test_a_dispatch_that_fills_the_freed_slot_leaves_the_rest_of_the_line_untouc
         assert waiting[name].state is JobState.WAITING
     # The first job's end frees its slot and signals the line (as its webhook does).
     assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(world.job("inputs/line/first.jpg", first).slot)
-    world.deliver(submit, {"MessageId": "dispatch", "ReceiptHandle": "r", "Body": json.dumps(DISPATCH), "Attributes": {}})
+    world.deliver(submit, dispatch_signal())
     assert JobStore(world.aws.table()).get(waiting["second"].job_id).state is JobState.SUBMITTED  # type: ignore[union-attr]
     third = JobStore(world.aws.table()).get(waiting["third"].job_id)
     assert third is not None and third.state is JobState.WAITING
@@ -405,7 +403,7 @@ def test_dispatchers_racing_for_one_line_fill_every_freed_slot(world: World) -> 
     admission = Admission(world.aws.table(), max_jobs_at_fal=2, daily_image_budget=0)
     for key, version in at_fal:  # both end at once, and each signals the line
         assert admission.release(world.job(key, version).slot)
-    signal = {"MessageId": "dispatch", "ReceiptHandle": "r", "Body": json.dumps(DISPATCH), "Attributes": {}}
+    signal = dispatch_signal()
     threads = [threading.Thread(target=world.deliver, args=(module, signal)) for module in (first, second)]
     for thread in threads:
         thread.start()
@@ -442,7 +440,7 @@ def test_a_dispatcher_that_meets_an_upload_ended_as_it_took_it_goes_on_to_the_ne
     ended: list[bool] = []
     world.gateway.add_fault(ended_just_before_its_take)
     assert Admission(world.aws.table(), max_jobs_at_fal=1, daily_image_budget=0).release(world.job("inputs/gone/first.jpg", first).slot)
-    world.deliver(submit, {"MessageId": "dispatch", "ReceiptHandle": "r", "Body": json.dumps(DISPATCH), "Attributes": {}})
+    world.deliver(submit, dispatch_signal())
     assert ended, "the dispatcher never reached the upload"
     sent = JobStore(world.aws.table()).get(after.job_id)
     assert sent is not None and sent.state is JobState.SUBMITTED and world.posts() == 2

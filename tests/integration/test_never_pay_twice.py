@@ -13,14 +13,14 @@ from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
 
-from kontext_s3.admission import DISPATCH, Admission, Wait
+from kontext_s3.admission import Admission, Wait
 from kontext_s3.jobs import JobState, JobStore
 from kontext_s3.s3_events import notification, parse_notification
 from kontext_s3_tools.aws_gateway import Answer, Call
 from kontext_s3_tools.local_stack import LambdaContext
 from tests.adversarial.test_recovery_races import fal_request, job_for
+from tests.helpers import dispatch_signal, jpeg_bytes
 from tests.helpers import eventually as until
-from tests.helpers import jpeg_bytes
 from tests.world import World, world
 
 __all__ = ["world"]
@@ -41,7 +41,7 @@ def deliver_queue(world: World, submit: ModuleType) -> int:
 
 def dispatch(world: World, submit: ModuleType) -> None:
     """The signal that a slot is free, as the webhook sends it."""
-    world.deliver(submit, {"MessageId": "dispatch", "ReceiptHandle": "r", "Body": json.dumps(DISPATCH), "Attributes": {}})
+    world.deliver(submit, dispatch_signal())
 
 
 def removal_of(world: World, version: str) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def test_a_request_fal_runs_past_the_max_age_keeps_its_slot_and_ends_with_its_ou
     assert world.deliver(submit, world.upload_event()) == []
     until(lambda: world.job("inputs/long.jpg", version).state is JobState.COMPLETED, timeout=30, what="its webhook")
     # The freed slot signals the dispatcher (a message the test delivers by hand; here it may find the line empty).
-    world.deliver(submit, {"MessageId": "dispatch", "ReceiptHandle": "r", "Body": json.dumps(DISPATCH), "Attributes": {}})
+    world.deliver(submit, dispatch_signal())
     assert world.posts() == 2
     # The slot fal still fills is not given to another request: never two open at fal at once.
     # (Whether next.jpg went by its own delivery or from the line once long.jpg ended is timing.)
